@@ -1,0 +1,183 @@
+//! Who is calling: HS256 JWT verification and issuing. A token carries `sub` (user id),
+//! `name`, `role` and `exp`; only HS256 is accepted, so `alg: none` and algorithm-confusion
+//! tokens are refused before any claim is read.
+
+use axum::http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::error::AppError;
+use crate::model::User;
+use crate::protocol::is_valid_id;
+
+/// What a caller may do. Ordered: an admin can do what a host can, a host what a viewer can.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Guest,
+    Viewer,
+    Host,
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "host" => Ok(Role::Host),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role {other:?} (viewer, host or admin)")),
+        }
+    }
+}
+
+/// The JWT claims livedrop reads and writes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub name: String,
+    pub role: Role,
+    pub exp: u64,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub user: User,
+    pub role: Role,
+}
+
+impl Identity {
+    /// Refuses anyone below `role`.
+    pub fn require(&self, role: Role) -> Result<(), AppError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(AppError::forbidden(format!(
+                "this needs the {role:?} role",
+                role = role
+            )))
+        }
+    }
+
+    /// Hosts manage only their own rooms; admins manage all.
+    pub fn require_owner(&self, owner: &str) -> Result<(), AppError> {
+        self.require(Role::Host)?;
+        if self.role == Role::Admin || self.user.id == owner {
+            Ok(())
+        } else {
+            Err(AppError::forbidden("you do not own this room"))
+        }
+    }
+}
+
+/// Signs and verifies tokens with one shared secret.
+#[derive(Clone)]
+pub struct Authenticator {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl Authenticator {
+    pub fn new(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// Issues a token valid for `ttl_secs`.
+    pub fn issue(
+        &self,
+        sub: &str,
+        name: &str,
+        role: Role,
+        ttl_secs: u64,
+    ) -> Result<String, AppError> {
+        let exp = (crate::model::now_millis() / 1000) as u64 + ttl_secs;
+        let claims = Claims {
+            sub: sub.to_string(),
+            name: name.to_string(),
+            role,
+            exp,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(AppError::internal)
+    }
+
+    /// Verifies a token and returns who it names.
+    pub fn verify(&self, token: &str) -> Result<Identity, AppError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| AppError::unauthorized(format!("invalid token: {e}")))?;
+        let c = data.claims;
+        if !is_valid_id(&c.sub) {
+            return Err(AppError::unauthorized(
+                "token sub must match [A-Za-z0-9_-]{1,64}",
+            ));
+        }
+        if c.role == Role::Guest {
+            return Err(AppError::unauthorized("guest tokens are not issued"));
+        }
+        let name = sanitize_name(&c.name, &c.sub);
+        Ok(Identity {
+            user: User { id: c.sub, name },
+            role: c.role,
+        })
+    }
+
+    /// Reads the token from `Authorization: Bearer` or, for browsers that cannot set
+    /// headers on a WebSocket, from the `token` query parameter.
+    pub fn from_request(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Identity, AppError> {
+        let header_token = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match header_token.or(query_token) {
+            Some(t) => self.verify(t.trim()),
+            None => Err(AppError::unauthorized("a bearer token is required")),
+        }
+    }
+}
+
+/// Display names are at most 64 characters without control characters; a bad one falls
+/// back to the user id rather than refusing the token.
+fn sanitize_name(name: &str, sub: &str) -> String {
+    let n = name.trim();
+    if n.is_empty() || n.chars().count() > 64 || n.chars().any(char::is_control) {
+        sub.to_string()
+    } else {
+        n.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_forgery() {
+        let a = Authenticator::new(b"secret");
+        let t = a.issue("alice", "Alice", Role::Host, 60).unwrap();
+        let id = a.verify(&t).unwrap();
+        assert_eq!(id.user.id, "alice");
+        assert_eq!(id.role, Role::Host);
+        let b = Authenticator::new(b"other");
+        assert!(b.verify(&t).is_err());
+        assert!(a.verify("not.a.token").is_err());
+    }
+
+    #[test]
+    fn roles_order() {
+        assert!(Role::Admin > Role::Host && Role::Host > Role::Viewer);
+    }
+}

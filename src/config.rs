@@ -1,0 +1,171 @@
+//! Every setting of `livedrop serve`, from flags and `LIVEDROP_*` environment variables, in
+//! one struct that is validated before anything starts. A bad setting stops start-up with a
+//! message that names it.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+
+/// Settings of one server process.
+#[derive(Args, Clone, Debug)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "LIVEDROP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (redis://host:port/db). Absent: the embedded memory engine.
+    #[arg(long, env = "LIVEDROP_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Secret that signs and verifies HS256 tokens. Absent: a random one is generated and
+    /// the demo tokens are printed at start-up.
+    #[arg(long, env = "LIVEDROP_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Seed the demo room `demo` (default: on for the memory engine, off for redis).
+    #[arg(long, overrides_with = "no_demo")]
+    pub demo: bool,
+
+    /// Do not seed the demo room.
+    #[arg(long = "no-demo", overrides_with = "demo")]
+    pub no_demo: bool,
+
+    /// Largest WebSocket message a client may send, in bytes; larger closes with 1009.
+    #[arg(long, env = "LIVEDROP_MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Frames buffered per room for viewers that are momentarily behind.
+    #[arg(long, env = "LIVEDROP_ROOM_BUFFER", default_value_t = 1024)]
+    pub room_buffer: usize,
+
+    /// Chat messages kept per room for `?since=` recovery.
+    #[arg(long, env = "LIVEDROP_CHAT_HISTORY", default_value_t = 1000)]
+    pub chat_history: usize,
+
+    /// Resyncs a viewer may need within a minute before it is disconnected (close 4008).
+    #[arg(long, env = "LIVEDROP_MAX_RESYNCS", default_value_t = 3)]
+    pub max_resyncs: u32,
+
+    /// Seconds a single write to a viewer may take before the viewer is dropped.
+    #[arg(long, env = "LIVEDROP_WRITE_TIMEOUT_SECS", default_value_t = 10)]
+    pub write_timeout_secs: u64,
+
+    /// Seconds without any frame from a client before the server pings; twice this and it closes.
+    #[arg(long, env = "LIVEDROP_IDLE_SECS", default_value_t = 30)]
+    pub idle_secs: u64,
+
+    /// Seconds in-flight work may take to finish after SIGTERM/Ctrl-C.
+    #[arg(long, env = "LIVEDROP_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+
+    /// Milliseconds a Redis command may take before the call fails with `store_unavailable`.
+    #[arg(long, env = "LIVEDROP_REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_timeout_ms: u64,
+
+    /// Milliseconds between conflated `likes`/`stock` frames (presence uses 5×).
+    #[arg(long, env = "LIVEDROP_CONFLATE_MS", default_value_t = 100)]
+    pub conflate_ms: u64,
+
+    /// Milliseconds between sweeps that return expired reservations to stock.
+    #[arg(long, env = "LIVEDROP_SWEEP_MS", default_value_t = 500)]
+    pub sweep_ms: u64,
+
+    /// Seconds an idempotency key is remembered.
+    #[arg(long, env = "LIVEDROP_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
+    pub idempotency_ttl_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            config: Config,
+        }
+        <Defaults as clap::Parser>::parse_from(["livedrop"]).config
+    }
+}
+
+impl Config {
+    /// Whether the demo room is seeded.
+    pub fn seed_demo(&self) -> bool {
+        if self.demo {
+            true
+        } else if self.no_demo {
+            false
+        } else {
+            self.redis_url.is_none()
+        }
+    }
+
+    /// Refuses settings that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        fn range(name: &str, v: u64, lo: u64, hi: u64) -> Result<(), String> {
+            if v < lo || v > hi {
+                Err(format!("{name} must be between {lo} and {hi} (got {v})"))
+            } else {
+                Ok(())
+            }
+        }
+        range(
+            "--max-frame-bytes",
+            self.max_frame_bytes as u64,
+            256,
+            16 << 20,
+        )?;
+        range("--room-buffer", self.room_buffer as u64, 16, 1 << 20)?;
+        range("--chat-history", self.chat_history as u64, 50, 1_000_000)?;
+        range("--max-resyncs", self.max_resyncs as u64, 1, 1000)?;
+        range("--write-timeout-secs", self.write_timeout_secs, 1, 3600)?;
+        range("--idle-secs", self.idle_secs, 1, 3600)?;
+        range("--shutdown-grace-secs", self.shutdown_grace_secs, 0, 3600)?;
+        range("--redis-timeout-ms", self.redis_timeout_ms, 10, 60_000)?;
+        range("--conflate-ms", self.conflate_ms, 10, 10_000)?;
+        range("--sweep-ms", self.sweep_ms, 10, 60_000)?;
+        range(
+            "--idempotency-ttl-secs",
+            self.idempotency_ttl_secs,
+            60,
+            30 * 86_400,
+        )?;
+        if let Some(url) = &self.redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(format!(
+                "--redis-url must start with redis:// or rediss:// (got {url:?})"
+            ));
+        }
+        if let Some(s) = &self.jwt_secret
+            && s.len() < 16
+        {
+            return Err("--jwt-secret must be at least 16 bytes".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default();
+        assert!(c.validate().is_ok());
+        assert!(c.seed_demo());
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let c = Config {
+            max_frame_bytes: 10,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--max-frame-bytes"));
+        let c = Config {
+            redis_url: Some("http://x".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--redis-url"));
+    }
+}

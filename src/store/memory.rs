@@ -1,0 +1,550 @@
+//! The embedded engine: all state in this process, one short `std::sync::Mutex` per room and
+//! per drop (never held across an `.await`). It implements exactly the rules of the redis
+//! engine's Lua scripts, step for step, so the two can be tested against each other.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+
+use super::{ClaimRequest, Reservation, SWEEP_BATCH, Store, Sweep, Transition, claim_drop};
+use crate::error::{AppError, AppResult};
+use crate::model::{
+    ChatMessage, Claim, ClaimStatus, Drop, DropState, LedgerEntry, Millis, Room, StockLevels,
+    User,
+};
+
+struct RoomData {
+    room: Room,
+    seq: u64,
+    history: VecDeque<ChatMessage>,
+    likes: u64,
+}
+
+struct IdemRecord {
+    qty: u64,
+    claim_id: String,
+    expires_at: Millis,
+}
+
+struct DropData {
+    drop: Drop,
+    levels: StockLevels,
+    ended: bool,
+    next_claim: u64,
+    claims: HashMap<String, Claim>,
+    /// Reserved claims by hold deadline: (expires_at, claim number, claim id).
+    holds: BTreeSet<(Millis, u64, String)>,
+    per_user: HashMap<String, u64>,
+    idem: HashMap<(String, String), IdemRecord>,
+    ledger: Vec<LedgerEntry>,
+}
+
+impl DropData {
+    fn state(&self) -> DropState {
+        DropState {
+            drop: self.drop.clone(),
+            levels: self.levels,
+            ended: self.ended,
+        }
+    }
+
+    fn log(&mut self, op: &str, claim: Option<&Claim>, qty: u64, ts: Millis) {
+        self.ledger.push(LedgerEntry {
+            op: op.to_string(),
+            claim_id: claim.map(|c| c.claim_id.clone()),
+            user: claim.map(|c| c.user.clone()),
+            qty,
+            ts,
+        });
+    }
+
+    /// Returns a reserved claim's units to stock with the given final status.
+    fn unreserve(&mut self, claim_id: &str, status: ClaimStatus, op: &str, now: Millis) -> Claim {
+        let mut out = None;
+        if let Some(c) = self.claims.get_mut(claim_id) {
+            c.status = status;
+            out = Some(c.clone());
+        }
+        let claim = out.unwrap_or_else(|| unreachable_claim(claim_id));
+        self.holds.remove(&hold_key(&claim));
+        self.levels.reserved -= claim.qty;
+        self.levels.remaining += claim.qty;
+        if let Some(n) = self.per_user.get_mut(&claim.user) {
+            *n = n.saturating_sub(claim.qty);
+            if *n == 0 {
+                self.per_user.remove(&claim.user);
+            }
+        }
+        self.log(op, Some(&claim), claim.qty, now);
+        claim
+    }
+}
+
+fn unreachable_claim(claim_id: &str) -> Claim {
+    // Callers look the claim up before unreserving; this keeps the path panic-free anyway.
+    Claim {
+        claim_id: claim_id.to_string(),
+        drop: String::new(),
+        user: String::new(),
+        qty: 0,
+        status: ClaimStatus::Released,
+        created_at: 0,
+        expires_at: 0,
+    }
+}
+
+fn hold_key(c: &Claim) -> (Millis, u64, String) {
+    let n = c
+        .claim_id
+        .rsplit_once('.')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0);
+    (c.expires_at, n, c.claim_id.clone())
+}
+
+/// The embedded engine.
+#[derive(Default)]
+pub struct MemoryStore {
+    rooms: DashMap<String, Mutex<RoomData>>,
+    drops: DashMap<String, Mutex<DropData>>,
+    room_drops: DashMap<String, Vec<String>>,
+    user_claims: DashMap<String, Vec<String>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with_room<T>(&self, id: &str, f: impl FnOnce(&mut RoomData) -> T) -> AppResult<T> {
+        let entry = self
+            .rooms
+            .get(id)
+            .ok_or_else(|| AppError::not_found("room"))?;
+        let mut guard = entry
+            .lock()
+            .map_err(|_| AppError::internal("room lock poisoned"))?;
+        Ok(f(&mut guard))
+    }
+
+    fn with_drop<T>(&self, id: &str, f: impl FnOnce(&mut DropData) -> T) -> AppResult<T> {
+        let entry = self
+            .drops
+            .get(id)
+            .ok_or_else(|| AppError::not_found("drop"))?;
+        let mut guard = entry
+            .lock()
+            .map_err(|_| AppError::internal("drop lock poisoned"))?;
+        Ok(f(&mut guard))
+    }
+
+    fn claim_owner_check(claim: &Claim, user: &str) -> AppResult<()> {
+        if claim.user == user {
+            Ok(())
+        } else {
+            Err(AppError::forbidden("this claim belongs to someone else"))
+        }
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn engine(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn ping(&self) -> AppResult<()> {
+        Ok(())
+    }
+
+    async fn create_room(&self, room: &Room) -> AppResult<()> {
+        use dashmap::mapref::entry::Entry;
+        match self.rooms.entry(room.id.clone()) {
+            Entry::Occupied(_) => Err(AppError::conflict(
+                "room_exists",
+                format!("room {} already exists", room.id),
+            )),
+            Entry::Vacant(v) => {
+                v.insert(Mutex::new(RoomData {
+                    room: room.clone(),
+                    seq: 0,
+                    history: VecDeque::new(),
+                    likes: 0,
+                }));
+                Ok(())
+            }
+        }
+    }
+
+    async fn get_room(&self, id: &str) -> AppResult<Option<Room>> {
+        match self.with_room(id, |r| r.room.clone()) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.code == "not_found" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn append_chat(
+        &self,
+        room: &str,
+        id: &str,
+        user: &User,
+        text: &str,
+        ts: Millis,
+        history: usize,
+    ) -> AppResult<ChatMessage> {
+        self.with_room(room, |r| {
+            r.seq += 1;
+            let msg = ChatMessage {
+                seq: r.seq,
+                id: id.to_string(),
+                user: user.clone(),
+                text: text.to_string(),
+                ts,
+            };
+            r.history.push_back(msg.clone());
+            while r.history.len() > history {
+                r.history.pop_front();
+            }
+            msg
+        })
+    }
+
+    async fn recent_chat(&self, room: &str, n: usize) -> AppResult<Vec<ChatMessage>> {
+        self.with_room(room, |r| {
+            let skip = r.history.len().saturating_sub(n);
+            r.history.iter().skip(skip).cloned().collect()
+        })
+    }
+
+    async fn chat_since(&self, room: &str, since: u64) -> AppResult<Option<Vec<ChatMessage>>> {
+        self.with_room(room, |r| {
+            if since >= r.seq {
+                return Some(Vec::new());
+            }
+            match r.history.front() {
+                Some(first) if first.seq <= since + 1 => Some(
+                    r.history
+                        .iter()
+                        .filter(|m| m.seq > since)
+                        .cloned()
+                        .collect(),
+                ),
+                _ => None,
+            }
+        })
+    }
+
+    async fn chat_seq(&self, room: &str) -> AppResult<u64> {
+        self.with_room(room, |r| r.seq)
+    }
+
+    async fn add_likes(&self, room: &str, n: u64) -> AppResult<u64> {
+        self.with_room(room, |r| {
+            r.likes = r.likes.saturating_add(n);
+            r.likes
+        })
+    }
+
+    async fn likes(&self, room: &str) -> AppResult<u64> {
+        self.with_room(room, |r| r.likes)
+    }
+
+    async fn create_drop(&self, drop: &Drop) -> AppResult<DropState> {
+        use dashmap::mapref::entry::Entry;
+        let levels = StockLevels {
+            total: drop.stock,
+            remaining: drop.stock,
+            reserved: 0,
+            sold: 0,
+        };
+        let mut data = DropData {
+            drop: drop.clone(),
+            levels,
+            ended: false,
+            next_claim: 0,
+            claims: HashMap::new(),
+            holds: BTreeSet::new(),
+            per_user: HashMap::new(),
+            idem: HashMap::new(),
+            ledger: Vec::new(),
+        };
+        data.log("create", None, drop.stock, drop.created_at);
+        let state = data.state();
+        match self.drops.entry(drop.id.clone()) {
+            Entry::Occupied(_) => {
+                return Err(AppError::conflict(
+                    "drop_exists",
+                    format!("drop {} already exists", drop.id),
+                ));
+            }
+            Entry::Vacant(v) => {
+                v.insert(Mutex::new(data));
+            }
+        }
+        self.room_drops
+            .entry(drop.room.clone())
+            .or_default()
+            .push(drop.id.clone());
+        Ok(state)
+    }
+
+    async fn get_drop(&self, id: &str) -> AppResult<Option<DropState>> {
+        match self.with_drop(id, |d| d.state()) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.code == "not_found" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn room_drops(&self, room: &str) -> AppResult<Vec<DropState>> {
+        let ids = self
+            .room_drops
+            .get(room)
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(s) = self.get_drop(&id).await? {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn sweepable_drops(&self) -> AppResult<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in self.drops.iter() {
+            if let Ok(d) = entry.value().lock()
+                && !d.holds.is_empty()
+            {
+                out.push(entry.key().clone());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn end_drop(&self, id: &str, now: Millis) -> AppResult<DropState> {
+        self.with_drop(id, |d| {
+            if !d.ended {
+                d.ended = true;
+                d.log("end", None, 0, now);
+            }
+            d.state()
+        })
+    }
+
+    async fn claim(&self, req: &ClaimRequest) -> AppResult<Reservation> {
+        let result = self.with_drop(&req.drop, |d| -> AppResult<Reservation> {
+            let idem_key = (req.user.id.clone(), req.key.clone());
+            if let Some(rec) = d.idem.get(&idem_key) {
+                if rec.expires_at > req.now {
+                    if rec.qty != req.qty {
+                        return Err(AppError::unprocessable(
+                            "idempotency_mismatch",
+                            "this Idempotency-Key was used with a different request",
+                        ));
+                    }
+                    let claim = d
+                        .claims
+                        .get(&rec.claim_id)
+                        .cloned()
+                        .ok_or_else(|| AppError::internal("idempotency record without claim"))?;
+                    return Ok(Reservation {
+                        claim,
+                        levels: d.levels,
+                        replay: true,
+                    });
+                }
+                d.idem.remove(&idem_key);
+            }
+            if d.ended || d.drop.ends_at.is_some_and(|e| req.now >= e) {
+                return Err(AppError::conflict("ended", "this drop has ended"));
+            }
+            if req.now < d.drop.starts_at {
+                return Err(AppError::conflict("not_started", "this drop has not started"));
+            }
+            let held = d.per_user.get(&req.user.id).copied().unwrap_or(0);
+            if held + req.qty > d.drop.per_user_limit {
+                return Err(AppError::conflict(
+                    "limit_reached",
+                    format!("at most {} per person", d.drop.per_user_limit),
+                ));
+            }
+            if d.levels.remaining < req.qty {
+                return Err(AppError::conflict("sold_out", "not enough stock left"));
+            }
+            d.next_claim += 1;
+            let claim = Claim {
+                claim_id: super::claim_id(&d.drop.id, d.next_claim),
+                drop: d.drop.id.clone(),
+                user: req.user.id.clone(),
+                qty: req.qty,
+                status: ClaimStatus::Reserved,
+                created_at: req.now,
+                expires_at: req.now + (d.drop.hold_secs as Millis) * 1000,
+            };
+            d.levels.remaining -= req.qty;
+            d.levels.reserved += req.qty;
+            *d.per_user.entry(req.user.id.clone()).or_insert(0) += req.qty;
+            d.holds.insert(hold_key(&claim));
+            d.claims.insert(claim.claim_id.clone(), claim.clone());
+            d.idem.insert(
+                idem_key,
+                IdemRecord {
+                    qty: req.qty,
+                    claim_id: claim.claim_id.clone(),
+                    expires_at: req.now + (req.key_ttl_secs as Millis) * 1000,
+                },
+            );
+            d.log("claim", Some(&claim), req.qty, req.now);
+            Ok(Reservation {
+                claim,
+                levels: d.levels,
+                replay: false,
+            })
+        })??;
+        if !result.replay {
+            self.user_claims
+                .entry(req.user.id.clone())
+                .or_default()
+                .push(result.claim.claim_id.clone());
+        }
+        Ok(result)
+    }
+
+    async fn confirm(&self, claim_id: &str, user: &str, now: Millis) -> AppResult<Transition> {
+        let drop = claim_drop(claim_id).ok_or_else(|| AppError::not_found("claim"))?;
+        self.with_drop(drop, |d| {
+            let claim = d
+                .claims
+                .get(claim_id)
+                .cloned()
+                .ok_or_else(|| AppError::not_found("claim"))?;
+            Self::claim_owner_check(&claim, user)?;
+            match claim.status {
+                ClaimStatus::Sold => Ok(Transition {
+                    claim,
+                    levels: d.levels,
+                }),
+                ClaimStatus::Released | ClaimStatus::Expired => Err(AppError::conflict(
+                    "claim_closed",
+                    format!("this claim was {}", claim.status.as_str()),
+                )),
+                ClaimStatus::Reserved if now >= claim.expires_at => Err(AppError::conflict(
+                    "claim_expired",
+                    "the hold on this claim has expired",
+                )),
+                ClaimStatus::Reserved => {
+                    d.holds.remove(&hold_key(&claim));
+                    d.levels.reserved -= claim.qty;
+                    d.levels.sold += claim.qty;
+                    let mut sold = claim;
+                    sold.status = ClaimStatus::Sold;
+                    d.claims.insert(sold.claim_id.clone(), sold.clone());
+                    d.log("confirm", Some(&sold), sold.qty, now);
+                    Ok(Transition {
+                        claim: sold,
+                        levels: d.levels,
+                    })
+                }
+            }
+        })
+        .map_err(|e| {
+            if e.code == "not_found" {
+                AppError::not_found("claim")
+            } else {
+                e
+            }
+        })?
+    }
+
+    async fn release(&self, claim_id: &str, user: &str, now: Millis) -> AppResult<Transition> {
+        let drop = claim_drop(claim_id).ok_or_else(|| AppError::not_found("claim"))?;
+        self.with_drop(drop, |d| {
+            let claim = d
+                .claims
+                .get(claim_id)
+                .cloned()
+                .ok_or_else(|| AppError::not_found("claim"))?;
+            Self::claim_owner_check(&claim, user)?;
+            match claim.status {
+                ClaimStatus::Released => Ok(Transition {
+                    claim,
+                    levels: d.levels,
+                }),
+                ClaimStatus::Sold | ClaimStatus::Expired => Err(AppError::conflict(
+                    "claim_closed",
+                    format!("this claim was {}", claim.status.as_str()),
+                )),
+                ClaimStatus::Reserved => {
+                    let released =
+                        d.unreserve(&claim.claim_id, ClaimStatus::Released, "release", now);
+                    Ok(Transition {
+                        claim: released,
+                        levels: d.levels,
+                    })
+                }
+            }
+        })
+        .map_err(|e| {
+            if e.code == "not_found" {
+                AppError::not_found("claim")
+            } else {
+                e
+            }
+        })?
+    }
+
+    async fn sweep(&self, drop: &str, now: Millis) -> AppResult<Sweep> {
+        self.with_drop(drop, |d| {
+            let due: Vec<String> = d
+                .holds
+                .iter()
+                .take_while(|(exp, _, _)| *exp <= now)
+                .take(SWEEP_BATCH)
+                .map(|(_, _, id)| id.clone())
+                .collect();
+            let expired = due
+                .iter()
+                .map(|id| d.unreserve(id, ClaimStatus::Expired, "expire", now))
+                .collect();
+            Sweep {
+                expired,
+                levels: d.levels,
+            }
+        })
+    }
+
+    async fn get_claim(&self, claim_id: &str) -> AppResult<Option<Claim>> {
+        let Some(drop) = claim_drop(claim_id) else {
+            return Ok(None);
+        };
+        match self.with_drop(drop, |d| d.claims.get(claim_id).cloned()) {
+            Ok(c) => Ok(c),
+            Err(e) if e.code == "not_found" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn user_claims(&self, user: &str) -> AppResult<Vec<Claim>> {
+        let ids = self
+            .user_claims
+            .get(user)
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids.iter().rev() {
+            if let Some(c) = self.get_claim(id).await? {
+                out.push(c);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ledger(&self, drop: &str) -> AppResult<Vec<LedgerEntry>> {
+        self.with_drop(drop, |d| d.ledger.clone())
+    }
+}

@@ -1,0 +1,153 @@
+//! The `Store` interface: everything livedrop must remember, behind one trait with two
+//! engines. `memory` is embedded (one process, lost on restart); `redis` runs every drop
+//! transition as one atomic Lua script on the drop's hash slot. Both implement exactly the
+//! same rules, and the conformance tests and the differential property test hold them to it.
+//!
+//! Domain refusals (`sold_out`, `limit_reached`, …) come back as `AppError`s with their
+//! stable codes, so an engine's answer can be handed to a client as it is.
+
+pub mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+
+use crate::error::AppResult;
+use crate::model::{
+    ChatMessage, Claim, Drop, DropState, LedgerEntry, Millis, Room, StockLevels, User,
+};
+
+/// A request to reserve units of a drop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub drop: String,
+    pub user: User,
+    pub qty: u64,
+    /// Idempotency key, scoped to (user, drop).
+    pub key: String,
+    pub now: Millis,
+    /// How long the key is remembered, in seconds.
+    pub key_ttl_secs: u64,
+}
+
+/// A successful claim: the reservation, the drop's counters right after it, and whether
+/// this answer is the replay of an earlier request with the same key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub claim: Claim,
+    pub levels: StockLevels,
+    pub replay: bool,
+}
+
+/// A claim after a transition (confirm, release), with the drop's counters right after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub claim: Claim,
+    pub levels: StockLevels,
+}
+
+/// What a sweep returned to stock.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Sweep {
+    pub expired: Vec<Claim>,
+    pub levels: StockLevels,
+}
+
+/// Most claims one sweep call expires; the sweeper calls again while it gets a full batch.
+pub const SWEEP_BATCH: usize = 256;
+
+/// Everything livedrop keeps. Implementations must be safe to call from many tasks at once
+/// and, for the redis engine, from many server instances at once.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which engine this is (`memory` or `redis`), for logs and `/readyz`.
+    fn engine(&self) -> &'static str;
+
+    /// Answers when the engine is reachable.
+    async fn ping(&self) -> AppResult<()>;
+
+    // ---- rooms and chat ----
+
+    /// Creates a room; `room_exists` (409) if the id is taken.
+    async fn create_room(&self, room: &Room) -> AppResult<()>;
+    async fn get_room(&self, id: &str) -> AppResult<Option<Room>>;
+    /// Appends a chat message, assigning the room's next `seq`; keeps at most `history`
+    /// messages per room.
+    async fn append_chat(
+        &self,
+        room: &str,
+        id: &str,
+        user: &User,
+        text: &str,
+        ts: Millis,
+        history: usize,
+    ) -> AppResult<ChatMessage>;
+    /// The newest `n` messages, oldest first.
+    async fn recent_chat(&self, room: &str, n: usize) -> AppResult<Vec<ChatMessage>>;
+    /// Every message after `since`, oldest first; `None` when history no longer holds all.
+    async fn chat_since(&self, room: &str, since: u64) -> AppResult<Option<Vec<ChatMessage>>>;
+    /// The room's latest seq (0 before the first message).
+    async fn chat_seq(&self, room: &str) -> AppResult<u64>;
+    /// Adds likes and returns the room's new total.
+    async fn add_likes(&self, room: &str, n: u64) -> AppResult<u64>;
+    async fn likes(&self, room: &str) -> AppResult<u64>;
+
+    // ---- drops and claims ----
+
+    /// Creates a drop with all its stock remaining; `drop_exists` (409) if the id is taken.
+    async fn create_drop(&self, drop: &Drop) -> AppResult<DropState>;
+    async fn get_drop(&self, id: &str) -> AppResult<Option<DropState>>;
+    /// Every drop of a room, oldest first.
+    async fn room_drops(&self, room: &str) -> AppResult<Vec<DropState>>;
+    /// Every drop id that may hold reservations (what the expiry sweeper visits).
+    async fn sweepable_drops(&self) -> AppResult<Vec<String>>;
+    /// Ends a drop: no claim succeeds afterwards; reservations may still be confirmed.
+    async fn end_drop(&self, id: &str, now: Millis) -> AppResult<DropState>;
+    /// Reserves units: refusals are `sold_out`, `limit_reached`, `not_started`, `ended`,
+    /// `idempotency_mismatch`, `not_found`.
+    async fn claim(&self, req: &ClaimRequest) -> AppResult<Reservation>;
+    /// Payment done: the reservation becomes sold. Refusals: `not_found`, `forbidden`,
+    /// `claim_expired`, `claim_closed`. Confirming a sold claim answers it again.
+    async fn confirm(&self, claim_id: &str, user: &str, now: Millis) -> AppResult<Transition>;
+    /// Gives a reservation back. Releasing a released claim answers it again.
+    async fn release(&self, claim_id: &str, user: &str, now: Millis) -> AppResult<Transition>;
+    /// Expires at most `SWEEP_BATCH` reservations of a drop whose hold passed `now`.
+    async fn sweep(&self, drop: &str, now: Millis) -> AppResult<Sweep>;
+    async fn get_claim(&self, claim_id: &str) -> AppResult<Option<Claim>>;
+    /// A user's claims, newest first.
+    async fn user_claims(&self, user: &str) -> AppResult<Vec<Claim>>;
+    /// The drop's ledger, oldest first.
+    async fn ledger(&self, drop: &str) -> AppResult<Vec<LedgerEntry>>;
+}
+
+/// Splits a claim id `DROP.N` into its drop id; `None` for anything else.
+pub fn claim_drop(claim_id: &str) -> Option<&str> {
+    let (drop, n) = claim_id.rsplit_once('.')?;
+    if crate::protocol::is_valid_id(drop)
+        && !n.is_empty()
+        && n.len() <= 20
+        && n.bytes().all(|b| b.is_ascii_digit())
+    {
+        Some(drop)
+    } else {
+        None
+    }
+}
+
+/// Builds the claim id of the `n`th claim of a drop.
+pub fn claim_id(drop: &str, n: u64) -> String {
+    format!("{drop}.{n}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_ids() {
+        assert_eq!(claim_drop(&claim_id("d1", 7)), Some("d1"));
+        assert_eq!(claim_drop("d1"), None);
+        assert_eq!(claim_drop("d:1.5"), None);
+        assert_eq!(claim_drop("d1.x"), None);
+        assert_eq!(claim_drop("d1."), None);
+    }
+}
