@@ -1,8 +1,161 @@
-//! livedrop: the real-time layer of a live-shopping room.
+//! livedrop: the real-time layer of a live-shopping room. `serve` runs the whole server on
+//! a listener the caller owns, so tests start it in-process on port 0 and stop it through
+//! the same single shutdown signal that SIGTERM uses.
 
+pub mod api;
 pub mod auth;
+pub mod bus;
+pub mod chat;
+pub mod commerce;
 pub mod config;
 pub mod error;
+pub mod hub;
 pub mod model;
 pub mod protocol;
+pub mod state;
 pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::bus::LocalBus;
+use crate::chat::{ChatService, LikeService};
+use crate::commerce::Commerce;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::state::AppState;
+
+/// The demo room's id, owner and seeded drop.
+pub const DEMO_ROOM: &str = "demo";
+pub const DEMO_HOST: &str = "demo-host";
+pub const DEMO_DROP: &str = "demo-sneakers";
+
+/// Builds the application state: store, bus, hub and services. Background tasks are not
+/// started here (see `serve`).
+pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let store = store::open(&config).await?;
+    let secret = config
+        .jwt_secret
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    let local_bus = Arc::new(LocalBus::new());
+    let bus: Arc<dyn bus::Bus> = local_bus.clone();
+    let hub = Arc::new(Hub::new(
+        config.room_buffer,
+        Duration::from_millis(config.conflate_ms),
+    ));
+    local_bus.attach(hub.clone());
+    Ok(AppState {
+        chat: Arc::new(ChatService::new(
+            store.clone(),
+            bus.clone(),
+            config.chat_history,
+        )),
+        likes: Arc::new(LikeService::new(store.clone(), bus.clone())),
+        commerce: Arc::new(Commerce::new(
+            store.clone(),
+            bus.clone(),
+            config.idempotency_ttl_secs,
+        )),
+        auth: Arc::new(Authenticator::new(secret.as_bytes())),
+        config: Arc::new(config),
+        store,
+        bus,
+        hub,
+        shutdown: CancellationToken::new(),
+        sessions: TaskTracker::new(),
+    })
+}
+
+/// Seeds the demo room and a flash drop in it, unless they exist.
+pub async fn seed_demo(state: &AppState) -> anyhow::Result<()> {
+    let room = model::Room {
+        id: DEMO_ROOM.into(),
+        title: "livedrop demo: Friday night sneaker drop".into(),
+        owner: DEMO_HOST.into(),
+        created_at: model::now_millis(),
+    };
+    match state.store.create_room(&room).await {
+        Ok(()) => {}
+        Err(e) if e.code == "room_exists" => return Ok(()),
+        Err(e) => return Err(e).context("seeding the demo room"),
+    }
+    let drop: commerce::NewDrop = serde_json::from_value(serde_json::json!({
+        "id": DEMO_DROP, "sku": "SNK-001", "title": "Limited sneakers",
+        "price": 12900, "currency": "USD", "stock": 100, "per_user_limit": 2,
+        "hold_secs": 300, "kind": "flash"
+    }))?;
+    state
+        .commerce
+        .create_drop(DEMO_ROOM, drop)
+        .await
+        .context("seeding the demo drop")?;
+    Ok(())
+}
+
+/// Runs the server on `listener` until `shutdown` resolves: then it stops accepting, closes
+/// every WebSocket with 1001, and waits (up to the grace period) for sessions to end.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = build_state(config).await?;
+    serve_state(state, listener, shutdown).await
+}
+
+/// `serve` with a state the caller built (tests reach into it).
+pub async fn serve_state(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if state.config.seed_demo() {
+        seed_demo(&state).await?;
+    }
+    let tick = Duration::from_millis(state.config.conflate_ms);
+    let background = TaskTracker::new();
+    background.spawn(state.likes.clone().run(tick, state.shutdown.clone()));
+    background.spawn(state.commerce.clone().run(
+        tick,
+        Duration::from_millis(state.config.sweep_ms),
+        state.shutdown.clone(),
+    ));
+    background.close();
+
+    let token = state.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        token.cancel();
+    });
+
+    let app = api::router(state.clone());
+    let stop = state.shutdown.clone();
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await
+    .context("serving HTTP")?;
+
+    let grace = Duration::from_secs(state.config.shutdown_grace_secs);
+    state.sessions.close();
+    if tokio::time::timeout(grace, state.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions still open after the grace period; exiting anyway");
+    }
+    let _ = tokio::time::timeout(grace, background.wait()).await;
+    Ok(())
+}

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::AppError;
-use crate::model::{ChatMessage, DropState, Room};
+use crate::model::{ChatMessage, Room};
 
 /// Longest chat message, in characters.
 pub const MAX_CHAT_CHARS: usize = 500;
@@ -16,8 +16,7 @@ pub const MAX_ID_LEN: usize = 64;
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_ID_LEN
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -101,7 +100,8 @@ pub struct Snapshot {
     /// Present when the client asked for `since`: whether every missed message is in `chat`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovered: Option<bool>,
-    pub drops: Vec<DropState>,
+    /// Live drops, in the same JSON shape as `GET /api/drops/{drop}`.
+    pub drops: Vec<serde_json::Value>,
     /// The viewer's own identity, so a page can tell its messages apart.
     pub you: crate::model::User,
 }
@@ -139,7 +139,7 @@ pub enum ServerMessage {
         #[serde(skip_serializing_if = "Option::is_none")]
         retry_after: Option<u64>,
     },
-    DropLive(DropState),
+    DropLive(serde_json::Value),
     DropEnded {
         drop: String,
     },

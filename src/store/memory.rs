@@ -11,8 +11,7 @@ use dashmap::DashMap;
 use super::{ClaimRequest, Reservation, SWEEP_BATCH, Store, Sweep, Transition, claim_drop};
 use crate::error::{AppError, AppResult};
 use crate::model::{
-    ChatMessage, Claim, ClaimStatus, Drop, DropState, LedgerEntry, Millis, Room, StockLevels,
-    User,
+    ChatMessage, Claim, ClaimStatus, Drop, DropState, LedgerEntry, Millis, Room, StockLevels, User,
 };
 
 struct RoomData {
@@ -347,11 +346,10 @@ impl Store for MemoryStore {
                             "this Idempotency-Key was used with a different request",
                         ));
                     }
-                    let claim = d
-                        .claims
-                        .get(&rec.claim_id)
-                        .cloned()
-                        .ok_or_else(|| AppError::internal("idempotency record without claim"))?;
+                    let claim =
+                        d.claims.get(&rec.claim_id).cloned().ok_or_else(|| {
+                            AppError::internal("idempotency record without claim")
+                        })?;
                     return Ok(Reservation {
                         claim,
                         levels: d.levels,
@@ -364,7 +362,10 @@ impl Store for MemoryStore {
                 return Err(AppError::conflict("ended", "this drop has ended"));
             }
             if req.now < d.drop.starts_at {
-                return Err(AppError::conflict("not_started", "this drop has not started"));
+                return Err(AppError::conflict(
+                    "not_started",
+                    "this drop has not started",
+                ));
             }
             let held = d.per_user.get(&req.user.id).copied().unwrap_or(0);
             if held + req.qty > d.drop.per_user_limit {
@@ -546,5 +547,9 @@ impl Store for MemoryStore {
 
     async fn ledger(&self, drop: &str) -> AppResult<Vec<LedgerEntry>> {
         self.with_drop(drop, |d| d.ledger.clone())
+    }
+
+    async fn holders(&self, drop: &str) -> AppResult<Vec<String>> {
+        self.with_drop(drop, |d| d.per_user.keys().cloned().collect())
     }
 }

@@ -117,6 +117,9 @@ pub trait Store: Send + Sync + 'static {
     async fn user_claims(&self, user: &str) -> AppResult<Vec<Claim>>;
     /// The drop's ledger, oldest first.
     async fn ledger(&self, drop: &str) -> AppResult<Vec<LedgerEntry>>;
+    /// Users holding units (reserved or sold) of a drop: once a drop is sold out with
+    /// nothing reserved, only these can have a retry that deserves more than `sold_out`.
+    async fn holders(&self, drop: &str) -> AppResult<Vec<String>>;
 }
 
 /// Splits a claim id `DROP.N` into its drop id; `None` for anything else.
@@ -136,6 +139,14 @@ pub fn claim_drop(claim_id: &str) -> Option<&str> {
 /// Builds the claim id of the `n`th claim of a drop.
 pub fn claim_id(drop: &str, n: u64) -> String {
     format!("{drop}.{n}")
+}
+
+/// Opens the engine the configuration names: redis when a URL is given, else memory.
+pub async fn open(config: &crate::config::Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    match &config.redis_url {
+        None => Ok(std::sync::Arc::new(memory::MemoryStore::new())),
+        Some(_) => anyhow::bail!("the redis engine is not built yet"),
+    }
 }
 
 #[cfg(test)]

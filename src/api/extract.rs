@@ -1,0 +1,35 @@
+//! Request extractors that refuse bad input with livedrop's own error codes: the caller's
+//! identity from the bearer token, and JSON bodies whose rejections become `bad_json`.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use crate::auth::Identity;
+use crate::error::AppError;
+use crate::state::AppState;
+
+/// The authenticated caller (`Authorization: Bearer …`).
+pub struct Authed(pub Identity);
+
+impl FromRequestParts<AppState> for Authed {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        state.auth.from_request(&parts.headers, None).map(Authed)
+    }
+}
+
+/// A JSON body; malformed JSON, a wrong content type or a wrong shape is `bad_json` (400).
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(rejection) => Err(AppError::bad_request("bad_json", rejection.body_text())),
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! HTTP routes: thin handlers that parse, authorize, call a service and reply. Errors are
+//! `AppError`s rendered as problem+json; bodies and paths are validated before anything
+//! reaches the store.
+
+mod commerce;
+mod extract;
+mod rooms;
+mod ws;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+
+use crate::error::AppError;
+use crate::state::AppState;
+
+pub use extract::{Authed, JsonBody};
+
+/// Largest HTTP request body.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// All routes of the server.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/rooms", post(rooms::create))
+        .route("/api/rooms/{room}", get(rooms::show))
+        .route("/api/rooms/{room}/drops", post(commerce::create_drop))
+        .route("/api/drops/{drop}", get(commerce::show_drop))
+        .route("/api/drops/{drop}/end", post(commerce::end_drop))
+        .route("/api/drops/{drop}/ledger", get(commerce::ledger))
+        .route("/api/drops/{drop}/claims", post(commerce::claim))
+        .route("/api/claims/{claim}/confirm", post(commerce::confirm))
+        .route("/api/claims/{claim}", delete(commerce::release))
+        .route("/api/me/claims", get(commerce::my_claims))
+        .route("/ws/rooms/{room}", get(ws::upgrade))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, format!("ready ({})", state.store.engine())).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn not_found() -> AppError {
+    AppError::not_found("route")
+}

@@ -1,0 +1,33 @@
+//! The shared application state handed to every handler and WebSocket session: the
+//! configuration, the store, the bus, the hub and the services built on them, plus the one
+//! shutdown signal everything listens to.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::bus::Bus;
+use crate::chat::{ChatService, LikeService};
+use crate::commerce::Commerce;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::store::Store;
+
+/// Cheap to clone: every field is shared.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub hub: Arc<Hub>,
+    pub auth: Arc<Authenticator>,
+    pub chat: Arc<ChatService>,
+    pub likes: Arc<LikeService>,
+    pub commerce: Arc<Commerce>,
+    /// Cancelled once on SIGTERM/Ctrl-C (or by a test): sessions close with 1001.
+    pub shutdown: CancellationToken,
+    /// Live WebSocket sessions, awaited (with a deadline) during shutdown.
+    pub sessions: TaskTracker,
+}
