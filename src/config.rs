@@ -50,6 +50,11 @@ pub struct Config {
     #[arg(long, env = "LIVEDROP_WRITE_TIMEOUT_SECS", default_value_t = 10)]
     pub write_timeout_secs: u64,
 
+    /// Kernel send buffer per connection, in bytes (0: kernel autotuning, up to MiBs per
+    /// socket). Bounded so a viewer that stops reading is noticed instead of absorbed.
+    #[arg(long, env = "LIVEDROP_SOCKET_SEND_BUFFER", default_value_t = 128 * 1024)]
+    pub socket_send_buffer: usize,
+
     /// Seconds without any frame from a client before the server pings; twice this and it closes.
     #[arg(long, env = "LIVEDROP_IDLE_SECS", default_value_t = 30)]
     pub idle_secs: u64,
@@ -117,6 +122,14 @@ impl Config {
         range("--chat-history", self.chat_history as u64, 50, 1_000_000)?;
         range("--max-resyncs", self.max_resyncs as u64, 1, 1000)?;
         range("--write-timeout-secs", self.write_timeout_secs, 1, 3600)?;
+        if self.socket_send_buffer != 0 {
+            range(
+                "--socket-send-buffer",
+                self.socket_send_buffer as u64,
+                4096,
+                64 << 20,
+            )?;
+        }
         range("--idle-secs", self.idle_secs, 1, 3600)?;
         range("--shutdown-grace-secs", self.shutdown_grace_secs, 0, 3600)?;
         range("--redis-timeout-ms", self.redis_timeout_ms, 10, 60_000)?;

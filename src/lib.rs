@@ -138,6 +138,12 @@ pub async fn serve_state(
         token.cancel();
     });
 
+    if state.config.socket_send_buffer > 0 {
+        // Accepted sockets inherit the listener's send buffer on Linux.
+        socket2::SockRef::from(&listener)
+            .set_send_buffer_size(state.config.socket_send_buffer)
+            .context("--socket-send-buffer")?;
+    }
     let app = api::router(state.clone());
     let stop = state.shutdown.clone();
     axum::serve(

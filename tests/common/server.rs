@@ -1,0 +1,260 @@
+//! Starts a real livedrop server in-process on port 0, on the memory engine or on a real
+//! `redis-server` started for the test, and gives tests real HTTP and WebSocket clients.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use livedrop::auth::{Authenticator, Role};
+use livedrop::config::Config;
+use livedrop::state::AppState;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::redis_server::RedisServer;
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+
+/// Which store engine a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Memory,
+    Redis,
+}
+
+/// A running server and what the test needs to talk to it.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub http: reqwest::Client,
+    auth: Authenticator,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    pub redis: Option<RedisServer>,
+}
+
+impl TestServer {
+    pub async fn start(engine: Engine) -> Self {
+        Self::start_with(engine, |_| {}).await
+    }
+
+    /// Starts a server after letting the test adjust the configuration.
+    pub async fn start_with(engine: Engine, adjust: impl FnOnce(&mut Config)) -> Self {
+        let redis = match engine {
+            Engine::Memory => None,
+            Engine::Redis => Some(RedisServer::start()),
+        };
+        let mut config = Config {
+            jwt_secret: Some(SECRET.into()),
+            redis_url: redis.as_ref().map(|r| r.url()),
+            no_demo: true,
+            conflate_ms: 50,
+            sweep_ms: 100,
+            shutdown_grace_secs: 5,
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = livedrop::build_state(config).await.unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(livedrop::serve_state(state.clone(), listener, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            state,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()
+                .unwrap(),
+            auth: Authenticator::new(SECRET.as_bytes()),
+            stop: Some(stop),
+            handle: Some(handle),
+            redis,
+        }
+    }
+
+    /// Triggers shutdown and waits for `serve` to return.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(20), h)
+                .await
+                .expect("server did not stop in time")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    pub fn token(&self, sub: &str, role: Role) -> String {
+        self.auth
+            .issue(sub, &format!("{sub} name"), role, 3600)
+            .unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, room: &str, token: &str) -> String {
+        format!("ws://{}/ws/rooms/{room}?token={token}", self.addr)
+    }
+
+    /// Creates a room owned by `host`.
+    pub async fn create_room(&self, id: &str, host: &str) {
+        let res = self
+            .http
+            .post(self.url("/api/rooms"))
+            .bearer_auth(self.token(host, Role::Host))
+            .json(&json!({"id": id, "title": format!("room {id}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    }
+
+    /// Creates a drop in `room` (owned by `host`) from a JSON body; returns the drop JSON.
+    pub async fn create_drop(&self, room: &str, host: &str, body: Value) -> Value {
+        let res = self
+            .http
+            .post(self.url(&format!("/api/rooms/{room}/drops")))
+            .bearer_auth(self.token(host, Role::Host))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        res.json().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let res = self.http.get(self.url(path)).send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Connects a viewer and reads its welcome frame.
+    pub async fn viewer(&self, room: &str, sub: &str) -> (Viewer, Value) {
+        self.viewer_url(&self.ws_url(room, &self.token(sub, Role::Viewer)))
+            .await
+    }
+
+    pub async fn viewer_url(&self, url: &str) -> (Viewer, Value) {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut v = Viewer { ws };
+        let welcome = v.recv().await.expect("welcome");
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (v, welcome)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A WebSocket viewer.
+pub struct Viewer {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a viewer read: a JSON frame, a close (with code), or the end of the stream.
+#[derive(Debug)]
+pub enum Received {
+    Frame(Value),
+    Close(Option<u16>),
+    End,
+}
+
+impl Viewer {
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, m: Message) -> bool {
+        self.ws.send(m).await.is_ok()
+    }
+
+    /// The next frame, close, or end, within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Received> {
+        loop {
+            let m = match tokio::time::timeout(wait, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(m) => m,
+            };
+            return Some(match m {
+                None | Some(Err(_)) => Received::End,
+                Some(Ok(Message::Text(t))) => Received::Frame(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(f))) => {
+                    Received::Close(f.map(|f: CloseFrame| u16::from(f.code)))
+                }
+                Some(Ok(_)) => continue,
+            });
+        }
+    }
+
+    /// The next JSON frame within 10 s.
+    pub async fn recv(&mut self) -> Option<Value> {
+        match self.next_within(Duration::from_secs(10)).await {
+            Some(Received::Frame(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Reads until a frame of `ty` arrives (within 10 s), skipping others.
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_within(left).await {
+                Some(Received::Frame(v)) if v["type"] == ty => return v,
+                Some(Received::Frame(_)) => continue,
+                other => panic!("waiting for {ty}: got {other:?}"),
+            }
+        }
+    }
+
+    /// Reads until the stream closes; returns the close code.
+    pub async fn recv_close(&mut self) -> Option<u16> {
+        loop {
+            match self.next_within(Duration::from_secs(10)).await {
+                Some(Received::Frame(_)) => continue,
+                Some(Received::Close(code)) => return code,
+                Some(Received::End) => return None,
+                None => panic!("no close within 10 s"),
+            }
+        }
+    }
+}
+
+/// Runs a test body once per engine.
+#[macro_export]
+macro_rules! both_engines {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn memory() {
+                ($body)(Engine::Memory).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn redis() {
+                ($body)(Engine::Redis).await
+            }
+        }
+    };
+}
