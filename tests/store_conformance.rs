@@ -193,6 +193,12 @@ async fn drops(s: S) {
     let st2 = s.create_drop(&d2).await.unwrap();
     assert_eq!(s.room_drops("r1").await.unwrap(), vec![st, st2]);
     assert_eq!(s.room_drops("other").await.unwrap(), vec![]);
+    // A refused duplicate in another room does not show up there.
+    let mut elsewhere = drop_("d1", 3, 1);
+    elsewhere.room = "other".to_string();
+    assert_eq!(code(s.create_drop(&elsewhere).await), "drop_exists");
+    assert_eq!(s.room_drops("other").await.unwrap(), vec![]);
+    assert_eq!(s.get_drop("d1").await.unwrap().unwrap().drop, d);
     // Nothing is held yet: nothing to sweep.
     assert!(s.sweepable_drops().await.unwrap().is_empty());
     s.claim(&req("d2", "u1", "k1", 1, T0)).await.unwrap();

@@ -20,9 +20,17 @@
 //! - `ld:{drop:ID}:ledger` stream: `op`, `claim_id`, `user`, `qty`, `ts`
 //! - `ld:{room:ID}:meta`   hash: `room` (JSON record), `seq`, `likes`
 //! - `ld:{room:ID}:chat`   stream, entry id `SEQ-0`, capped at exactly `history` entries
-//! - `ld:{room:ID}:drops`  list of the room's drop ids (cross-slot index, best effort)
-//! - `ld:{user:ID}:claims` list of a user's claim ids (cross-slot index, best effort)
+//! - `ld:{room:ID}:drops`  list of the room's drop ids (cross-slot index)
+//! - `ld:{user:ID}:claims` list of a user's claim ids (cross-slot index)
 //! - `ld:drops`            set of drop ids the sweeper visits (cross-slot index)
+//!
+//! The cross-slot indexes cannot be written by the drop's script (other slots), so they
+//! are written by separate idempotent commands. A drop is indexed *before* its create
+//! script runs: a failure in between leaves a dangling id (skipped by readers, pruned by
+//! `sweepable_drops`) rather than a drop the sweeper never visits, whose expired holds
+//! would lock stock forever. A claim is indexed after its script (its id is only known
+//! then); a failed index write is healed by the client's retry with the same key, since
+//! replays index the claim again (append-once).
 //!
 //! Time is always passed in by the caller (never read inside Lua), and numbers travel as
 //! decimal strings so no counter ever becomes a float.
@@ -63,7 +71,7 @@ struct Scripts {
     end_drop: Script,
     append_chat: Script,
     add_likes: Script,
-    index_drop: Script,
+    append_once: Script,
 }
 
 impl Scripts {
@@ -77,7 +85,7 @@ impl Scripts {
             end_drop: lua_script!("end_drop.lua"),
             append_chat: lua_script!("append_chat.lua"),
             add_likes: lua_script!("add_likes.lua"),
-            index_drop: lua_script!("index_drop.lua"),
+            append_once: lua_script!("append_once.lua"),
         }
     }
 
@@ -91,7 +99,7 @@ impl Scripts {
             &self.end_drop,
             &self.append_chat,
             &self.add_likes,
-            &self.index_drop,
+            &self.append_once,
         ]
     }
 }
@@ -669,6 +677,13 @@ impl Store for RedisStore {
         let limit = drop.per_user_limit.to_string();
         let hold_ms = (drop.hold_secs as Millis).saturating_mul(1000).to_string();
         let created_at = drop.created_at.to_string();
+        // Index first (see the module doc): both writes are idempotent.
+        let room_list = room_drops_key(&drop.room);
+        let _: i64 = self
+            .query(redis::cmd("SADD").arg(ALL_DROPS).arg(&drop.id))
+            .await?;
+        self.eval(&self.scripts.append_once, &[&room_list], &[&drop.id])
+            .await?;
         self.eval(
             &self.scripts.create_drop,
             &[&k.meta, &k.ledger],
@@ -690,13 +705,6 @@ impl Store for RedisStore {
                 e
             }
         })?;
-        // Cross-slot indexes, after the drop exists; both writes are idempotent.
-        let room_list = room_drops_key(&drop.room);
-        self.eval(&self.scripts.index_drop, &[&room_list], &[&drop.id])
-            .await?;
-        let _: i64 = self
-            .query(redis::cmd("SADD").arg(ALL_DROPS).arg(&drop.id))
-            .await?;
         Ok(DropState {
             drop: drop.clone(),
             levels: StockLevels {
@@ -726,7 +734,11 @@ impl Store for RedisStore {
                     .arg(-1),
             )
             .await?;
-        self.drop_states(&ids).await
+        // A drop id listed under the wrong room (a refused duplicate create indexes
+        // before it is refused) is not shown here.
+        let mut states = self.drop_states(&ids).await?;
+        states.retain(|s| s.drop.room == room);
+        Ok(states)
     }
 
     async fn sweepable_drops(&self) -> AppResult<Vec<String>> {
@@ -797,19 +809,15 @@ impl Store for RedisStore {
             levels: levels_at(&items, 3)?,
             replay,
         };
-        if !replay {
-            // Cross-slot index, after the claim is safe. The claim stands even if this
-            // write fails, so a failure is logged rather than turned into a refusal.
-            let pushed: AppResult<i64> = self
-                .query(
-                    redis::cmd("RPUSH")
-                        .arg(user_claims_key(&req.user.id))
-                        .arg(&claim_id),
-                )
-                .await;
-            if let Err(e) = pushed {
-                tracing::warn!(claim = %claim_id, error = %e, "user claim index not updated");
-            }
+        // Cross-slot index, after the claim is safe (also on replays, which heals an
+        // earlier failed write). The claim stands even if this write fails, so a failure is
+        // logged rather than turned into a refusal.
+        let list = user_claims_key(&req.user.id);
+        if let Err(e) = self
+            .eval(&self.scripts.append_once, &[&list], &[&claim_id])
+            .await
+        {
+            tracing::warn!(claim = %claim_id, error = %e, "user claim index not updated");
         }
         Ok(reservation)
     }
