@@ -526,7 +526,7 @@ impl Store for RedisStore {
         room: &str,
         id: &str,
         user: &User,
-        text_: &str,
+        body: &str,
         ts: Millis,
         history: usize,
     ) -> AppResult<ChatMessage> {
@@ -536,14 +536,14 @@ impl Store for RedisStore {
             .eval(
                 &self.scripts.append_chat,
                 &[&meta, &chat],
-                &[id, &user.id, &user.name, text_, &ts_s, &history_s],
+                &[id, &user.id, &user.name, body, &ts_s, &history_s],
             )
             .await?;
         Ok(ChatMessage {
             seq: int(at(&items, 0)?)?,
             id: id.to_string(),
             user: user.clone(),
-            text: text_.to_string(),
+            text: body.to_string(),
             ts,
         })
     }
