@@ -232,7 +232,7 @@ both_engines!(
             }));
         }
         let rss_before = rss_kib();
-        let (mut poster, _) = srv.viewer("slow", "poster").await;
+        let (poster, _) = srv.viewer("slow", "poster").await;
         let text = "x".repeat(400);
         let post = tokio::spawn(async move {
             // The poster is a viewer too: it must keep reading, or it would be the stalled one.

@@ -145,7 +145,13 @@ pub fn claim_id(drop: &str, n: u64) -> String {
 pub async fn open(config: &crate::config::Config) -> anyhow::Result<std::sync::Arc<dyn Store>> {
     match &config.redis_url {
         None => Ok(std::sync::Arc::new(memory::MemoryStore::new())),
-        Some(_) => anyhow::bail!("the redis engine is not built yet"),
+        Some(url) => {
+            let timeout = std::time::Duration::from_millis(config.redis_timeout_ms);
+            let store = redis::RedisStore::connect(url, timeout)
+                .await
+                .map_err(|e| anyhow::anyhow!("--redis-url {url}: {e}"))?;
+            Ok(std::sync::Arc::new(store))
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Shared test harness: a real redis-server per test, and the server in-process on port 0.
+//! Shared test harness (each test binary includes it with `mod common;`): a real
+//! redis-server per test, and the livedrop server in-process on port 0.
 #![allow(dead_code)]
 
 pub mod redis_server;

@@ -1,0 +1,36 @@
+-- Shared helpers, prepended to every drop/room script by src/store/redis.rs.
+-- Numbers: every counter and timestamp arrives as a decimal string (ARGV or Redis) and is
+-- written back with string.format('%d') so it never turns into a float such as 1e+15.
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+-- A domain refusal: {'err', code, detail}. Not a Lua error: nothing is rolled back because
+-- every script returns a refusal before its first write.
+local function refuse(code, detail)
+  return {'err', code, detail or ''}
+end
+
+-- A claim is stored as "status|qty|created_at|expires_at|user" (user last: it may hold '|').
+local function encode_claim(status, qty, created, expires, user)
+  return status .. '|' .. qty .. '|' .. created .. '|' .. expires .. '|' .. user
+end
+
+local function decode_claim(enc)
+  local status, qty, created, expires, user =
+    string.match(enc, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  if not status or not tonumber(qty) or not tonumber(expires) then
+    return nil
+  end
+  return {status = status, qty = qty, created = created, expires = expires, user = user}
+end
+
+-- The holds zset member of claim number n: zero-padded so equal deadlines sort by number,
+-- exactly like the memory engine's (expires_at, n) order.
+local function hold_member(n)
+  return string.format('%020d', n)
+end
+
+local function levels(meta)
+  return redis.call('HMGET', meta, 'total', 'remaining', 'reserved', 'sold')
+end
