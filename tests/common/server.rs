@@ -56,6 +56,8 @@ impl TestServer {
             conflate_ms: 50,
             sweep_ms: 100,
             shutdown_grace_secs: 5,
+            // The test machine is shared with builds; outage tests lower this themselves.
+            redis_timeout_ms: 10_000,
             ..Config::default()
         };
         adjust(&mut config);

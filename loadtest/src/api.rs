@@ -1,0 +1,132 @@
+//! The host side of livedrop's HTTP API as the scenarios need it: create a room and a drop,
+//! read a drop's counters and its ledger. Every call checks the status and says what the
+//! server answered when it is not the expected one.
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use hyper::Method;
+use hyper::header::HeaderValue;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::http::{HttpClient, Target, bearer};
+
+/// A drop's stock counters, as `GET /api/drops/{drop}` shows them.
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
+pub struct Levels {
+    pub total: u64,
+    pub remaining: u64,
+    pub reserved: u64,
+    pub sold: u64,
+}
+
+/// One ledger entry (only the fields the invariant check reads).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LedgerEntry {
+    pub op: String,
+    pub claim_id: Option<String>,
+    pub user: Option<String>,
+    pub qty: u64,
+}
+
+#[derive(Deserialize)]
+struct Ledger {
+    entries: Vec<LedgerEntry>,
+}
+
+/// What the run's drop looks like.
+pub struct DropSpec {
+    pub stock: u64,
+    pub per_user_limit: u64,
+    pub hold_secs: u64,
+}
+
+/// Host calls, with one keep-alive connection.
+pub struct HostApi {
+    client: HttpClient,
+    auth: HeaderValue,
+}
+
+fn excerpt(body: &Bytes) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
+}
+
+impl HostApi {
+    pub fn new(target: Target, host_token: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: HttpClient::new(target),
+            auth: bearer(host_token)?,
+        })
+    }
+
+    async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<crate::http::Answer> {
+        let body = body.map(|b| Bytes::from(b.to_string()));
+        let req = self.client.request(method, path, Some(&self.auth), body)?;
+        self.client
+            .send(req)
+            .await
+            .with_context(|| format!("{path}: no answer from the server"))
+    }
+
+    /// Creates the room; one that already exists is fine (`room_exists`).
+    pub async fn ensure_room(&mut self, room: &str) -> anyhow::Result<()> {
+        let a = self
+            .call(
+                Method::POST,
+                "/api/rooms",
+                Some(json!({"id": room, "title": "loadtest"})),
+            )
+            .await?;
+        match a.status {
+            201 => Ok(()),
+            409 if a.body.windows(11).any(|w| w == b"room_exists") => Ok(()),
+            s => bail!("POST /api/rooms answered {s}: {}", excerpt(&a.body)),
+        }
+    }
+
+    /// Creates a flash drop in the room and returns its id.
+    pub async fn create_drop(&mut self, room: &str, spec: &DropSpec) -> anyhow::Result<String> {
+        let body = json!({
+            "sku": "LOADTEST", "title": "loadtest drop", "price": 100, "currency": "USD",
+            "stock": spec.stock, "per_user_limit": spec.per_user_limit,
+            "hold_secs": spec.hold_secs, "kind": "flash",
+        });
+        let path = format!("/api/rooms/{room}/drops");
+        let a = self.call(Method::POST, &path, Some(body)).await?;
+        if a.status != 201 {
+            bail!("POST {path} answered {}: {}", a.status, excerpt(&a.body));
+        }
+        #[derive(Deserialize)]
+        struct Created {
+            id: String,
+        }
+        let c: Created = serde_json::from_slice(&a.body).context("drop answer")?;
+        Ok(c.id)
+    }
+
+    /// The drop's counters.
+    pub async fn levels(&mut self, drop: &str) -> anyhow::Result<Levels> {
+        let path = format!("/api/drops/{drop}");
+        let a = self.call(Method::GET, &path, None).await?;
+        if a.status != 200 {
+            bail!("GET {path} answered {}: {}", a.status, excerpt(&a.body));
+        }
+        serde_json::from_slice(&a.body).context("drop counters")
+    }
+
+    /// The drop's whole ledger.
+    pub async fn ledger(&mut self, drop: &str) -> anyhow::Result<Vec<LedgerEntry>> {
+        let path = format!("/api/drops/{drop}/ledger");
+        let a = self.call(Method::GET, &path, None).await?;
+        if a.status != 200 {
+            bail!("GET {path} answered {}: {}", a.status, excerpt(&a.body));
+        }
+        let l: Ledger = serde_json::from_slice(&a.body).context("ledger")?;
+        Ok(l.entries)
+    }
+}
