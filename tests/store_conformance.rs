@@ -503,11 +503,20 @@ async fn ledger_contents(s: S) {
 async fn user_claims(s: S) {
     s.create_drop(&drop_("d1", 10, 5)).await.unwrap();
     s.create_drop(&drop_("d2", 10, 5)).await.unwrap();
+    // Distinct times: the list is newest first, and claims of one millisecond have no order.
     let a = s.claim(&req("d1", "u1", "a", 1, T0)).await.unwrap().claim;
-    let b = s.claim(&req("d2", "u1", "a", 1, T0)).await.unwrap().claim;
-    s.claim(&req("d2", "u1", "a", 1, T0)).await.unwrap(); // replay: not listed twice
-    s.claim(&req("d1", "u2", "a", 1, T0)).await.unwrap();
-    let c = s.claim(&req("d1", "u1", "b", 1, T0)).await.unwrap().claim;
+    let b = s
+        .claim(&req("d2", "u1", "a", 1, T0 + 1))
+        .await
+        .unwrap()
+        .claim;
+    s.claim(&req("d2", "u1", "a", 1, T0 + 2)).await.unwrap(); // replay: not listed twice
+    s.claim(&req("d1", "u2", "a", 1, T0 + 3)).await.unwrap();
+    let c = s
+        .claim(&req("d1", "u1", "b", 1, T0 + 4))
+        .await
+        .unwrap()
+        .claim;
     let c = s.confirm(&c.claim_id, "u1", T0).await.unwrap().claim;
     assert_eq!(s.user_claims("u1").await.unwrap(), vec![c, b, a]);
     assert_eq!(s.user_claims("nobody").await.unwrap(), vec![]);

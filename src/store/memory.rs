@@ -537,7 +537,7 @@ impl Store for MemoryStore {
             .map(|v| v.clone())
             .unwrap_or_default();
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids.iter().rev() {
+        for id in ids.iter().rev().take(super::USER_CLAIMS_MAX) {
             if let Some(c) = self.get_claim(id).await? {
                 out.push(c);
             }

@@ -52,6 +52,9 @@ pub struct Sweep {
     pub levels: StockLevels,
 }
 
+/// Most claims `user_claims` returns (the newest): a load-test user may hold millions.
+pub const USER_CLAIMS_MAX: usize = 200;
+
 /// Most claims one sweep call expires; the sweeper calls again while it gets a full batch.
 pub const SWEEP_BATCH: usize = 256;
 
@@ -113,7 +116,7 @@ pub trait Store: Send + Sync + 'static {
     /// Expires at most `SWEEP_BATCH` reservations of a drop whose hold passed `now`.
     async fn sweep(&self, drop: &str, now: Millis) -> AppResult<Sweep>;
     async fn get_claim(&self, claim_id: &str) -> AppResult<Option<Claim>>;
-    /// A user's claims, newest first.
+    /// A user's newest claims (at most `USER_CLAIMS_MAX`), newest first.
     async fn user_claims(&self, user: &str) -> AppResult<Vec<Claim>>;
     /// The drop's ledger, oldest first.
     async fn ledger(&self, drop: &str) -> AppResult<Vec<LedgerEntry>>;

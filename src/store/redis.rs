@@ -809,14 +809,17 @@ impl Store for RedisStore {
             levels: levels_at(&items, 3)?,
             replay,
         };
-        // Cross-slot index, after the claim is safe (also on replays, which heals an
-        // earlier failed write). The claim stands even if this write fails, so a failure is
-        // logged rather than turned into a refusal.
-        let list = user_claims_key(&req.user.id);
-        if let Err(e) = self
-            .eval(&self.scripts.append_once, &[&list], &[&claim_id])
-            .await
-        {
+        // Cross-slot index (a sorted set by claim time, so re-adding is a no-op), written
+        // after the claim is safe. The claim stands even if this write fails, so a failure
+        // is logged rather than turned into a refusal; replays write it again, which heals
+        // an earlier failed write. Awaited, so `user_claims` reads its own writes.
+        let mut index = redis::cmd("ZADD");
+        index
+            .arg(user_claims_key(&req.user.id))
+            .arg("NX")
+            .arg(reservation.claim.created_at)
+            .arg(&claim_id);
+        if let Err(e) = self.query::<i64>(&index).await {
             tracing::warn!(claim = %claim_id, error = %e, "user claim index not updated");
         }
         Ok(reservation)
@@ -871,13 +874,12 @@ impl Store for RedisStore {
     async fn user_claims(&self, user: &str) -> AppResult<Vec<Claim>> {
         let mut ids: Vec<String> = self
             .query(
-                redis::cmd("LRANGE")
+                redis::cmd("ZREVRANGE")
                     .arg(user_claims_key(user))
                     .arg(0)
-                    .arg(-1),
+                    .arg(super::USER_CLAIMS_MAX as i64 - 1),
             )
             .await?;
-        ids.reverse();
         ids.retain(|id| claim_drop(id).is_some());
         if ids.is_empty() {
             return Ok(Vec::new());
