@@ -219,6 +219,10 @@ mod tests {
             per_user_limit: 1,
         };
         let ledger = vec![entry("d.1", "u0"), entry("d.2", "u1")];
-        assert!(check(&seen, levels(2, 0, 2, 0), &ledger).violations.is_empty());
+        assert!(
+            check(&seen, levels(2, 0, 2, 0), &ledger)
+                .violations
+                .is_empty()
+        );
     }
 }

@@ -28,9 +28,7 @@ impl Progress {
         if quiet {
             bar.set_draw_target(ProgressDrawTarget::hidden());
         }
-        if let Ok(style) =
-            ProgressStyle::with_template("{prefix} [{bar:30}] {elapsed:>4} {msg}")
-        {
+        if let Ok(style) = ProgressStyle::with_template("{prefix} [{bar:30}] {elapsed:>4} {msg}") {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_prefix(label.to_string());

@@ -601,7 +601,9 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
                 Ok(Some(Ok(_))) => continue,
             };
             let text = frame.as_str();
-            if !text.starts_with("{\"type\":\"claim_result\"") && !text.starts_with("{\"type\":\"error\"") {
+            if !text.starts_with("{\"type\":\"claim_result\"")
+                && !text.starts_with("{\"type\":\"error\"")
+            {
                 continue; // stock, purchase, sold_out, presence…: not ours to count
             }
             let r: ClaimResult = match serde_json::from_str(text) {
@@ -612,7 +614,10 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
                 }
             };
             if r.kind == "error" {
-                bump(&mut t.codes, &format!("error_frame:{}", r.code.unwrap_or_default()));
+                bump(
+                    &mut t.codes,
+                    &format!("error_frame:{}", r.code.unwrap_or_default()),
+                );
                 continue;
             }
             let index = r
@@ -631,7 +636,10 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
             if r.ok == Some(true) {
                 t.success(&plan, user, r.claim.map(|c| c.claim_id));
             } else {
-                bump(&mut t.codes, r.code.as_deref().unwrap_or("refused_without_code"));
+                bump(
+                    &mut t.codes,
+                    r.code.as_deref().unwrap_or("refused_without_code"),
+                );
             }
         }
         permits.close();
