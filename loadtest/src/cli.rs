@@ -33,16 +33,36 @@ pub struct Common {
     pub target: String,
 
     /// The server's --jwt-secret: the loadtest mints its own host and viewer tokens.
-    #[arg(long, env = "LIVEDROP_JWT_SECRET", hide_env_values = true)]
+    /// Not needed with `viewers --peer plain`.
+    #[arg(
+        long,
+        env = "LIVEDROP_JWT_SECRET",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub jwt_secret: String,
 
     /// Write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
 
+    /// Write a self-contained HTML report (per-second charts and the summary) to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The kind of server the viewers scenario drives.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// livedrop: `/ws/rooms/{room}` with a token, `welcome` first, chat through the protocol.
+    Livedrop,
+    /// A plain broadcast room at `ws://TARGET/` (e.g. `loadtest/peers/node-ws-room`): no
+    /// token, no welcome; every frame sent is relayed to every socket.
+    Plain,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +140,10 @@ pub struct ViewersArgs {
     /// Room to join (created if missing; default: a fresh one per run).
     #[arg(long)]
     pub room: Option<String>,
+
+    /// What `--target` is: livedrop, or a plain broadcast peer for reference.
+    #[arg(long, value_enum, default_value_t = Peer::Livedrop)]
+    pub peer: Peer,
 
     /// WebSocket viewers to connect.
     #[arg(long, default_value_t = 100)]

@@ -3,13 +3,16 @@
 //! itself. Exit status: 0 when the run passed, 1 on an error, 2 when an invariant broke.
 
 mod api;
+mod audience;
 mod cli;
+mod html;
 mod http;
 mod invariant;
 mod progress;
 mod report;
 mod rss;
 mod scenarios;
+mod series;
 mod tokens;
 mod ws;
 
@@ -17,9 +20,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Scenario};
+use serde::Serialize;
+
+use crate::cli::{Cli, Common, Scenario};
+use crate::html::write_report;
 use crate::report::write_json;
 use crate::scenarios::{claims, viewers};
+use crate::series::Series;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -47,22 +54,35 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.scenario {
         Scenario::Claims(args) => {
-            let json = args.common.json.clone();
-            let summary = claims::run(args).await?;
-            claims::print(&summary);
-            if let Some(path) = json {
-                write_json(&path, &summary)?;
-            }
-            Ok(summary.passed)
+            let common = args.common.clone();
+            let s = claims::run(args).await?;
+            claims::print(&s);
+            write_outputs(&common, "livedrop-loadtest claims", &s, &s.series)?;
+            Ok(s.passed)
         }
         Scenario::Viewers(args) => {
-            let json = args.common.json.clone();
-            let summary = viewers::run(args).await?;
-            viewers::print(&summary);
-            if let Some(path) = json {
-                write_json(&path, &summary)?;
-            }
+            let common = args.common.clone();
+            let s = viewers::run(args).await?;
+            viewers::print(&s);
+            write_outputs(&common, "livedrop-loadtest viewers", &s, &s.series)?;
             Ok(true)
         }
     }
+}
+
+/// `--json` and `--report`, when asked for.
+fn write_outputs<T: Serialize>(
+    common: &Common,
+    title: &str,
+    summary: &T,
+    series: &[Series],
+) -> anyhow::Result<()> {
+    if let Some(path) = &common.json {
+        write_json(path, summary)?;
+    }
+    if let Some(path) = &common.report {
+        write_report(path, title, summary, series)?;
+        println!("  report: {}", path.display());
+    }
+    Ok(())
 }

@@ -19,11 +19,13 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{DropSpec, HostApi};
+use crate::audience;
 use crate::cli::{ClaimsArgs, Endpoint, Transport};
 use crate::http::{HttpClient, Target, bearer};
 use crate::invariant::{self, Seen, Verdict};
 use crate::progress::Progress;
 use crate::report::{Counts, Latency, LatencySummary, bump, format_counts, merge_counts};
+use crate::series::Series;
 use crate::tokens::Minter;
 use crate::ws;
 
@@ -62,6 +64,9 @@ pub struct ClaimsSummary {
     pub latency: LatencySummary,
     pub invariant: Option<Verdict>,
     pub passed: bool,
+    /// Per-second answers and latency, for `--report`.
+    #[serde(skip)]
+    pub series: Vec<Series>,
 }
 
 /// What every worker shares: the schedule, the users, and the counters.
@@ -108,7 +113,6 @@ impl Plan {
 }
 
 /// One worker's counts, merged at the end.
-#[derive(Default)]
 struct Tally {
     sent: u64,
     ok: u64,
@@ -116,7 +120,23 @@ struct Tally {
     errors: Counts,
     unknown: u64,
     latency: Latency,
+    series: Series,
     claim_ids: Vec<String>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            sent: 0,
+            ok: 0,
+            codes: Counts::new(),
+            errors: Counts::new(),
+            unknown: 0,
+            latency: Latency::new(),
+            series: Series::new("claim answers", "answers"),
+            claim_ids: Vec::new(),
+        }
+    }
 }
 
 impl Tally {
@@ -127,7 +147,17 @@ impl Tally {
         merge_counts(&mut self.errors, &o.errors);
         self.unknown += o.unknown;
         self.latency.merge(&o.latency);
+        self.series.merge(&o.series);
         self.claim_ids.extend(o.claim_ids);
+    }
+
+    /// An answer to a request sent (or due) at `from`.
+    fn answered(&mut self, plan: &Plan, from: Instant) {
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(from);
+        self.latency.record(latency);
+        let at = now.saturating_duration_since(plan.start).as_micros() as u64;
+        self.series.record(at, latency.as_micros() as u64);
     }
 
     fn success(&mut self, plan: &Plan, user: usize, claim_id: Option<String>) {
@@ -178,7 +208,7 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
         (None, None) => Some(Duration::from_secs(10)),
     };
     let minter = Minter::new(&args.common.jwt_secret)?;
-    let run_id = run_id();
+    let run_id = audience::run_id();
 
     // Set-up as the host: a room and a drop that outlives the run.
     let mut host = HostApi::new(target.clone(), &minter.mint("lt-host", "host")?)?;
@@ -335,6 +365,7 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
         latency: tally.latency.summary(),
         invariant: verdict,
         passed,
+        series: vec![tally.series],
     })
 }
 
@@ -389,14 +420,6 @@ pub fn print(s: &ClaimsSummary) {
     }
 }
 
-fn run_id() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    format!("{:x}{:x}", ms % 0xffff_ffff, std::process::id() % 0xfff)
-}
-
 /// One keep-alive HTTP connection sending requests one after another.
 async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<HeaderValue>>) -> Tally {
     let mut t = Tally::default();
@@ -435,7 +458,7 @@ async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<HeaderValue>>) -> Tally {
         plan.answered.fetch_add(1, Ordering::Relaxed);
         match answer {
             Ok(Ok(a)) => {
-                t.latency.record(from.elapsed());
+                t.answered(&plan, from);
                 match (plan.endpoint, a.status) {
                     (Endpoint::Healthz, 200) => {
                         t.ok += 1;
@@ -632,7 +655,7 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
             };
             permits.add_permits(1);
             plan.answered.fetch_add(1, Ordering::Relaxed);
-            t.latency.record(from.elapsed());
+            t.answered(&plan, from);
             if r.ok == Some(true) {
                 t.success(&plan, user, r.claim.map(|c| c.claim_id));
             } else {
