@@ -92,6 +92,11 @@ impl ChatProbe {
         }
     }
 
+    /// The instant every timestamp counts from (second 0 of the series).
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
     /// Microseconds since the probe's epoch.
     pub fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64

@@ -23,6 +23,9 @@ pub enum Scenario {
     Claims(ClaimsArgs),
     /// WebSocket viewers receiving chat: fan-out latency, deliveries/s, RSS per viewer.
     Viewers(ViewersArgs),
+    /// A live sale: viewers in a room, a drop, a rush of claims (WS and HTTP), chat during
+    /// it; time to sell out, claim latency, how fast viewers saw `sold_out`, invariant check.
+    Sale(SaleArgs),
 }
 
 /// Settings every scenario shares.
@@ -173,4 +176,60 @@ pub struct ViewersArgs {
     /// Seconds to wait after publishing for the last frames to arrive.
     #[arg(long, default_value_t = 3.0)]
     pub drain: f64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SaleArgs {
+    #[command(flatten)]
+    pub common: Common,
+
+    /// Room of the sale (created if missing; default: a fresh one per run).
+    #[arg(long)]
+    pub room: Option<String>,
+
+    /// WebSocket viewers in the room.
+    #[arg(long, default_value_t = 1000)]
+    pub viewers: u32,
+
+    /// Share of the viewers that claim (one `claim` frame each, on `drop_live`).
+    #[arg(long, default_value_t = 1.0)]
+    pub claim_fraction: f64,
+
+    /// Extra HTTP claimers (distinct users, one claim each), started when the drop exists.
+    #[arg(long, default_value_t = 0)]
+    pub claimers: u32,
+
+    /// Keep-alive HTTP connections the extra claimers share.
+    #[arg(long, default_value_t = 64)]
+    pub http_concurrency: u32,
+
+    /// Stock of the drop.
+    #[arg(long, default_value_t = 100)]
+    pub stock: u64,
+
+    /// Per-user limit of the drop.
+    #[arg(long, default_value_t = 1)]
+    pub per_user_limit: u64,
+
+    /// Chat messages per second from one chatter, from --lead-in before the drop to the end.
+    #[arg(long, default_value_t = 10.0)]
+    pub chat_rate: f64,
+
+    /// Seconds of chat before the drop.
+    #[arg(long, default_value_t = 1.0)]
+    pub lead_in: f64,
+
+    /// Longest the rush may take (seconds from the drop). The run ends earlier once every
+    /// claim is answered and every viewer saw `sold_out` (or the drop did not sell out).
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+
+    /// Source addresses to spread viewers over (127.0.0.1 ..= 127.0.0.N); 0 picks one per
+    /// 10 000 viewers.
+    #[arg(long, default_value_t = 0)]
+    pub source_ips: u32,
+
+    /// WebSocket handshakes in progress at once while connecting.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: u32,
 }

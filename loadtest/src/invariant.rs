@@ -145,6 +145,23 @@ pub fn check(seen: &Seen<'_>, levels: Levels, ledger: &[LedgerEntry]) -> Verdict
     }
 }
 
+/// Prints the verdict for people: the drop's counters and every violation.
+pub fn print(v: &Verdict) {
+    let l = v.levels;
+    println!(
+        "  drop: total {} remaining {} reserved {} sold {}; ledger claims {}",
+        l.total, l.remaining, l.reserved, l.sold, v.ledger_claims
+    );
+    if v.violations.is_empty() {
+        println!("  INVARIANT CHECK: passed");
+    } else {
+        println!("  INVARIANT CHECK: FAILED");
+        for x in &v.violations {
+            println!("    - {x}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

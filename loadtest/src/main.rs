@@ -13,6 +13,7 @@ mod report;
 mod rss;
 mod scenarios;
 mod series;
+mod tally;
 mod tokens;
 mod ws;
 
@@ -25,7 +26,7 @@ use serde::Serialize;
 use crate::cli::{Cli, Common, Scenario};
 use crate::html::write_report;
 use crate::report::write_json;
-use crate::scenarios::{claims, viewers};
+use crate::scenarios::{claims, sale, viewers};
 use crate::series::Series;
 
 fn main() -> ExitCode {
@@ -58,6 +59,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let s = claims::run(args).await?;
             claims::print(&s);
             write_outputs(&common, "livedrop-loadtest claims", &s, &s.series)?;
+            Ok(s.passed)
+        }
+        Scenario::Sale(args) => {
+            let common = args.common.clone();
+            let s = sale::run(args).await?;
+            sale::print(&s);
+            write_outputs(&common, "livedrop-loadtest sale", &s, &s.series)?;
             Ok(s.passed)
         }
         Scenario::Viewers(args) => {
