@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::report::{Counts, Latency, LatencySummary, bump, merge_counts};
+use crate::report::{Counts, Latency, LatencySummary, bump, format_counts, merge_counts};
 use crate::series::Series;
 use crate::ws::Socket;
 
@@ -339,6 +339,39 @@ fn c_is_open(done: &watch::Receiver<bool>) -> bool {
     !*done.borrow()
 }
 
+/// How the connect phase went, as summaries print and serialize it.
+#[derive(Serialize, Debug, Clone)]
+pub struct ConnectSummary {
+    pub viewers: u32,
+    pub connected: u64,
+    pub connect_failures: Counts,
+    pub source_ips: u32,
+    pub connect_wall_s: f64,
+    pub connect_latency: LatencySummary,
+}
+
+impl std::fmt::Display for ConnectSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connected {}/{} from {} source address(es) in {:.2} s; connect {}",
+            self.connected,
+            self.viewers,
+            self.source_ips,
+            self.connect_wall_s,
+            self.connect_latency
+        )?;
+        if !self.connect_failures.is_empty() {
+            write!(
+                f,
+                "\n  connect failures: {}",
+                format_counts(&self.connect_failures)
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// A connected fleet of viewers, each running its own task.
 pub struct Fleet {
     pub connected: u64,
@@ -415,6 +448,18 @@ impl Fleet {
             wall: start.elapsed(),
             connect_latency: latency.summary(),
             tasks,
+        }
+    }
+
+    /// The connect phase's figures, for `viewers` asked for from `source_ips` addresses.
+    pub fn summary(&self, viewers: u32, source_ips: u32) -> ConnectSummary {
+        ConnectSummary {
+            viewers,
+            connected: self.connected,
+            connect_failures: self.failures.clone(),
+            source_ips,
+            connect_wall_s: self.wall.as_secs_f64(),
+            connect_latency: self.connect_latency,
         }
     }
 

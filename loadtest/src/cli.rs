@@ -26,6 +26,9 @@ pub enum Scenario {
     /// A live sale: viewers in a room, a drop, a rush of claims (WS and HTTP), chat during
     /// it; time to sell out, claim latency, how fast viewers saw `sold_out`, invariant check.
     Sale(SaleArgs),
+    /// Group buys filling at once: leaders open groups, members join; groups completed/s,
+    /// join latency, answers by code, invariant check.
+    Groups(GroupsArgs),
 }
 
 /// Settings every scenario shares.
@@ -232,4 +235,46 @@ pub struct SaleArgs {
     /// WebSocket handshakes in progress at once while connecting.
     #[arg(long, default_value_t = 64)]
     pub connect_concurrency: u32,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GroupsArgs {
+    #[command(flatten)]
+    pub common: Common,
+
+    /// Room of the group drop (created if missing; default: a fresh one per run).
+    #[arg(long)]
+    pub room: Option<String>,
+
+    /// Groups to open (one leader each).
+    #[arg(long, default_value_t = 100)]
+    pub groups: u32,
+
+    /// Members a group needs (`group_size`, leader included).
+    #[arg(long, default_value_t = 3)]
+    pub group_size: u64,
+
+    /// Price per unit in a completed group (`group_price`, minor units).
+    #[arg(long, default_value_t = 80)]
+    pub group_price: u64,
+
+    /// Seconds a group has to fill (`group_window_secs`).
+    #[arg(long, default_value_t = 60)]
+    pub window_secs: u64,
+
+    /// Joiners per group beyond the size − 1 that fill it: they race for full groups.
+    #[arg(long, default_value_t = 0)]
+    pub extra_joiners: u32,
+
+    /// Stock of the drop (default: groups × size).
+    #[arg(long)]
+    pub stock: Option<u64>,
+
+    /// Keep-alive HTTP connections.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: u32,
+
+    /// Longest the run may take, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
 }

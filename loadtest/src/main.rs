@@ -26,7 +26,7 @@ use serde::Serialize;
 use crate::cli::{Cli, Common, Scenario};
 use crate::html::write_report;
 use crate::report::write_json;
-use crate::scenarios::{claims, sale, viewers};
+use crate::scenarios::{Outcome, claims, groups, sale, viewers};
 use crate::series::Series;
 
 fn main() -> ExitCode {
@@ -56,26 +56,33 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.scenario {
         Scenario::Claims(args) => {
             let common = args.common.clone();
-            let s = claims::run(args).await?;
-            claims::print(&s);
-            write_outputs(&common, "livedrop-loadtest claims", &s, &s.series)?;
-            Ok(s.passed)
-        }
-        Scenario::Sale(args) => {
-            let common = args.common.clone();
-            let s = sale::run(args).await?;
-            sale::print(&s);
-            write_outputs(&common, "livedrop-loadtest sale", &s, &s.series)?;
-            Ok(s.passed)
+            finish(&common, claims::run(args).await?)
         }
         Scenario::Viewers(args) => {
             let common = args.common.clone();
-            let s = viewers::run(args).await?;
-            viewers::print(&s);
-            write_outputs(&common, "livedrop-loadtest viewers", &s, &s.series)?;
-            Ok(true)
+            finish(&common, viewers::run(args).await?)
+        }
+        Scenario::Sale(args) => {
+            let common = args.common.clone();
+            finish(&common, sale::run(args).await?)
+        }
+        Scenario::Groups(args) => {
+            let common = args.common.clone();
+            finish(&common, groups::run(args).await?)
         }
     }
+}
+
+/// Prints a summary, writes `--json` and `--report`, and says whether the run passed.
+fn finish<T: Outcome>(common: &Common, s: T) -> anyhow::Result<bool> {
+    s.print();
+    write_outputs(
+        common,
+        &format!("livedrop-loadtest {}", s.name()),
+        &s,
+        s.series(),
+    )?;
+    Ok(s.passed())
 }
 
 /// `--json` and `--report`, when asked for.

@@ -92,6 +92,11 @@ impl Series {
         &mut self.buckets[second]
     }
 
+    /// An event at `at_us` (µs since the reference instant) with no latency.
+    pub fn count(&mut self, at_us: u64) {
+        self.bucket(at_us).count += 1;
+    }
+
     /// An event at `at_us` that took `latency_us`.
     pub fn record(&mut self, at_us: u64, latency_us: u64) {
         let b = self.bucket(at_us);
@@ -146,7 +151,7 @@ mod tests {
         for i in 0..100u64 {
             a.record(10_000 * i, (i + 1) * 1000); // second 0, 1..=100 ms
         }
-        a.record(2_500_000, 0); // second 2
+        a.count(2_500_000); // second 2, no latency
         let mut b = Series::new("x", "answers");
         b.record(1_200_000, 5_000);
         a.merge(&b);
@@ -160,5 +165,6 @@ mod tests {
         assert_eq!(p[1].count, 1);
         assert!((p[1].p50_ms.unwrap_or(0.0) - 5.0).abs() < 0.25);
         assert_eq!(p[2].count, 1);
+        assert_eq!(p[2].p50_ms, None);
     }
 }

@@ -62,10 +62,15 @@ impl Tally {
         self.series.record(at, latency.as_micros() as u64);
     }
 
-    /// A success, with the claim id when the answer carried one.
-    pub fn success(&mut self, claim_id: Option<String>) {
+    /// A success that carries no claim id (a health check, a group join).
+    pub fn ok(&mut self) {
         self.ok += 1;
         bump(&mut self.codes, "ok");
+    }
+
+    /// A success, with the claim id when the answer carried one.
+    pub fn success(&mut self, claim_id: Option<String>) {
+        self.ok();
         match claim_id {
             Some(id) => self.claim_ids.push(id),
             None => bump(&mut self.errors, "success without claim_id"),

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{DropSpec, HostApi};
-use crate::audience::{self, ChatProbe, Fleet, Next};
+use crate::audience::{self, ChatProbe, ConnectSummary, Fleet, Next};
 use crate::cli::SaleArgs;
 use crate::http::{HttpClient, Target, bearer};
 use crate::invariant::{self, Seen, Verdict};
@@ -54,11 +54,8 @@ pub struct SaleSummary {
     pub target: String,
     pub room: String,
     pub drop: String,
-    pub viewers: u32,
-    pub connected: u64,
-    pub connect_failures: Counts,
-    pub source_ips: u32,
-    pub connect_wall_s: f64,
+    #[serde(flatten)]
+    pub connect: ConnectSummary,
     pub stock: u64,
     pub per_user_limit: u64,
     pub claim_fraction: f64,
@@ -354,8 +351,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
     for w in http_workers {
         let _ = tokio::time::timeout(ANSWER_TIMEOUT, w).await;
     }
-    let connect_failures = fleet.failures.clone();
-    let (connected, connect_wall) = (fleet.connected, fleet.wall);
+    let connect = fleet.summary(args.viewers, source_ips);
     fleet.join().await;
 
     // The invariant check.
@@ -405,11 +401,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
         target: args.common.target.clone(),
         room,
         drop: drop_id,
-        viewers: args.viewers,
-        connected,
-        connect_failures,
-        source_ips,
-        connect_wall_s: connect_wall.as_secs_f64(),
+        connect,
         stock: args.stock,
         per_user_limit: args.per_user_limit,
         claim_fraction: args.claim_fraction,
@@ -598,18 +590,7 @@ pub fn print(s: &SaleSummary) {
             .unwrap_or_else(|| "never".into())
     };
     println!("sale of drop {} in room {} at {}", s.drop, s.room, s.target);
-    println!(
-        "  viewers connected {}/{} from {} source address(es) in {:.2} s{}",
-        s.connected,
-        s.viewers,
-        s.source_ips,
-        s.connect_wall_s,
-        if s.connect_failures.is_empty() {
-            String::new()
-        } else {
-            format!("; failures: {}", format_counts(&s.connect_failures))
-        }
-    );
+    println!("  viewers {}", s.connect);
     println!(
         "  stock {}  per-user limit {}  WS buyers {} (fraction {})  HTTP claimers {} over {} connections",
         s.stock,
@@ -629,7 +610,7 @@ pub fn print(s: &SaleSummary) {
     println!(
         "  sold_out seen by {}/{} viewers; last viewer {}; from the drop: {}",
         s.viewers_saw_sold_out,
-        s.connected,
+        s.connect.connected,
         opt(s.last_viewer_saw_sold_out_s),
         s.sold_out_seen
     );

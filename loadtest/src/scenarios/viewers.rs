@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::api::HostApi;
-use crate::audience::{self, ChatProbe, Fleet, Next};
+use crate::audience::{self, ChatProbe, ConnectSummary, Fleet, Next};
 use crate::cli::{Peer, ViewersArgs};
 use crate::http::Target;
 use crate::progress::Progress;
@@ -39,12 +39,8 @@ pub struct ViewersSummary {
     /// `livedrop`, or `plain` for a plain broadcast peer (no livedrop protocol).
     pub peer: &'static str,
     pub room: String,
-    pub viewers: u32,
-    pub connected: u64,
-    pub connect_failures: Counts,
-    pub source_ips: u32,
-    pub connect_wall_s: f64,
-    pub connect_latency: LatencySummary,
+    #[serde(flatten)]
+    pub connect: ConnectSummary,
     pub rate: f64,
     pub duration_s: f64,
     pub published: u64,
@@ -153,8 +149,7 @@ pub async fn run(args: ViewersArgs) -> anyhow::Result<ViewersSummary> {
     let rss_after = args.pid.and_then(rss_kib);
 
     let _ = stop_tx.send(true);
-    let connect_failures = fleet.failures.clone();
-    let (connect_wall, connect_latency) = (fleet.wall, fleet.connect_latency);
+    let connect_summary = fleet.summary(args.viewers, source_ips);
     fleet.join().await;
 
     let received = probe.received();
@@ -173,12 +168,7 @@ pub async fn run(args: ViewersArgs) -> anyhow::Result<ViewersSummary> {
         target: args.common.target.clone(),
         peer: if plain { "plain" } else { "livedrop" },
         room: if plain { "/".into() } else { room },
-        viewers: args.viewers,
-        connected,
-        connect_failures,
-        source_ips,
-        connect_wall_s: connect_wall.as_secs_f64(),
-        connect_latency,
+        connect: connect_summary,
         rate: args.rate,
         duration_s: args.duration,
         published,
@@ -214,13 +204,7 @@ async fn viewer(socket: ws::Socket, probe: Arc<ChatProbe>, mut stop: watch::Rece
 /// Prints the summary for people.
 pub fn print(s: &ViewersSummary) {
     println!("viewers in room {} at {} ({})", s.room, s.target, s.peer);
-    println!(
-        "  connected {}/{} from {} source address(es) in {:.2} s; connect {}",
-        s.connected, s.viewers, s.source_ips, s.connect_wall_s, s.connect_latency
-    );
-    if !s.connect_failures.is_empty() {
-        println!("  connect failures: {}", format_counts(&s.connect_failures));
-    }
+    println!("  {}", s.connect);
     println!(
         "  published {} msgs at {}/s for {} s (publisher errors: {})",
         s.published,
@@ -242,7 +226,7 @@ pub fn print(s: &ViewersSummary) {
         println!(
             "  server RSS: before {:.1} MiB, {} idle viewers {:.1} MiB, after run {}; per idle viewer {:.0} bytes",
             b as f64 / 1024.0,
-            s.connected,
+            s.connect.connected,
             i as f64 / 1024.0,
             s.rss_after_kib
                 .map(|a| format!("{:.1} MiB", a as f64 / 1024.0))
