@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -146,6 +147,14 @@ pub async fn serve_state(
     }
     let app = api::router(state.clone());
     let stop = state.shutdown.clone();
+    // Small frames (claim results, chat) must leave at once: without TCP_NODELAY, Nagle's
+    // algorithm holds a write while an earlier one is unacknowledged, and with the peer's
+    // delayed ACKs that costs up to ~40 ms per pipelined answer.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
