@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::probe::{alg_none, expired, fingerprint, forged, request, ws_refusal};
+use common::probe::{
+    alg_none, claim_one, expired, fingerprint, forged, request, room_with_drop, ws_refusal,
+};
 use common::server::{Engine, TestServer};
 use livedrop::auth::Role;
 use serde_json::{Value, json};
@@ -100,24 +102,8 @@ fn table(claim: &str) -> Vec<Row> {
 
 both_engines!(every_endpoint_refuses_wrong_callers, |engine| async move {
     let srv = TestServer::start_with(engine, |c| c.allow_guests = true).await;
-    srv.create_room("r", "owner").await;
-    srv.create_drop(
-        "r",
-        "owner",
-        json!({"id":"d","sku":"S","title":"T","price":1,"stock":10,"kind":"flash"}),
-    )
-    .await;
-    let alice = srv.token("alice", Role::Viewer);
-    let (status, c, _) = request(
-        &srv,
-        "POST",
-        "/api/drops/d/claims",
-        Some(&alice),
-        Some(json!({"qty":1})),
-    )
-    .await;
-    assert_eq!(status, 201, "{c}");
-    let claim = c["claim_id"].as_str().unwrap().to_string();
+    room_with_drop(&srv, "owner", 10).await;
+    let claim = claim_one(&srv, "alice").await;
 
     // Rows for "another viewer" must be refused before the idempotency key is read, so the
     // claim row is not in that set (any viewer may claim).
@@ -205,23 +191,8 @@ both_engines!(every_endpoint_refuses_wrong_callers, |engine| async move {
 
 both_engines!(every_ws_command_checks_the_caller, |engine| async move {
     let srv = TestServer::start_with(engine, |c| c.allow_guests = true).await;
-    srv.create_room("r", "owner").await;
-    srv.create_drop(
-        "r",
-        "owner",
-        json!({"id":"d","sku":"S","title":"T","price":1,"stock":10,"kind":"flash"}),
-    )
-    .await;
-    let alice = srv.token("alice", Role::Viewer);
-    let (_, c, _) = request(
-        &srv,
-        "POST",
-        "/api/drops/d/claims",
-        Some(&alice),
-        Some(json!({"qty":1})),
-    )
-    .await;
-    let claim = c["claim_id"].as_str().unwrap().to_string();
+    room_with_drop(&srv, "owner", 10).await;
+    let claim = claim_one(&srv, "alice").await;
     let before = fingerprint(&srv, &["r"], &["d"], &["alice", "bob"]).await;
 
     // Bad tokens never get a socket.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::probe::{fingerprint, request};
+use common::probe::{fingerprint, request, room_with_drop};
 use common::server::{Engine, TestServer};
 use livedrop::auth::Role;
 use serde_json::{Value, json};
@@ -249,13 +249,7 @@ fn rss_kib() -> u64 {
 
 async fn setup(engine: Engine) -> TestServer {
     let srv = TestServer::start(engine).await;
-    srv.create_room("r", "host").await;
-    srv.create_drop(
-        "r",
-        "host",
-        json!({"id":"d","sku":"S","title":"T","price":1,"stock":10,"kind":"flash"}),
-    )
-    .await;
+    room_with_drop(&srv, "host", 10).await;
     srv
 }
 

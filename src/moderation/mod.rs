@@ -268,16 +268,6 @@ impl Moderation {
             .await
     }
 
-    fn publish(&self, room: &str, kind: EventKind, msg: ServerMessage) {
-        self.bus.publish(
-            room,
-            Event {
-                kind,
-                text: msg.to_text().into(),
-            },
-        );
-    }
-
     /// Deletes a message: hidden from history, and `chat_deleted` tells the room.
     pub async fn delete_message(&self, room: &str, by: &Identity, id: &str) -> AppResult<()> {
         check_id("message id", id)?;
@@ -286,10 +276,13 @@ impl Moderation {
             .await?;
         self.record(room, by, "delete", None, json!({ "message": id }))
             .await?;
-        self.publish(
+        let deleted = ServerMessage::ChatDeleted { id: id.to_string() };
+        self.bus.publish(
             room,
-            EventKind::Discrete { seq: 0 },
-            ServerMessage::ChatDeleted { id: id.to_string() },
+            Event {
+                kind: EventKind::Discrete { seq: 0 },
+                text: deleted.to_text().into(),
+            },
         );
         Ok(())
     }

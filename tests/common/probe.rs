@@ -163,3 +163,19 @@ pub async fn ws_refusal(url: &str, origin: Option<&str>) -> Option<u16> {
         Err(e) => panic!("upgrade failed oddly: {e}"),
     }
 }
+
+/// Creates room `r` owned by `owner` with a flash drop `d` of `stock` units.
+pub async fn room_with_drop(srv: &TestServer, owner: &str, stock: u64) {
+    srv.create_room("r", owner).await;
+    let body = json!({"id":"d","sku":"S","title":"T","price":1,"stock":stock,"kind":"flash"});
+    srv.create_drop("r", owner, body).await;
+}
+
+/// A claim of one unit of drop `d` by `user` over HTTP; returns the claim id.
+pub async fn claim_one(srv: &TestServer, user: &str) -> String {
+    let token = srv.token(user, Role::Viewer);
+    let body = Some(json!({"qty": 1}));
+    let (status, c, _) = request(srv, "POST", "/api/drops/d/claims", Some(&token), body).await;
+    assert_eq!(status, 201, "{c}");
+    c["claim_id"].as_str().unwrap().to_string()
+}
