@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::probe::{request, ws_refusal};
+use common::raw_ws::RawWs;
 use common::server::{Engine, TestServer};
 use governor::clock::FakeRelativeClock;
 use livedrop::auth::Role;
@@ -337,3 +338,26 @@ both_engines!(moderation_end_to_end, |engine| async move {
     assert_eq!(stats["drops"][0]["total"], 10);
     assert_eq!(stats["drops"][0]["reserved"], 0);
 });
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_peer_is_pinged_then_closed() {
+    let srv = TestServer::start_with(Engine::Memory, |c| c.idle_secs = 1).await;
+    srv.create_room("r", "host").await;
+    let token = srv.token("quiet", Role::Viewer);
+    let mut ws = RawWs::connect(&srv, "r", &token).await;
+    let started = std::time::Instant::now();
+    let mut pinged = false;
+    loop {
+        match ws.read_frame().await {
+            Some((9, _)) => pinged = true,
+            Some((8, p)) => {
+                assert_eq!(u16::from_be_bytes([p[0], p[1]]), 4000);
+                break;
+            }
+            Some(_) => {}
+            None => panic!("stream ended without a close frame"),
+        }
+    }
+    assert!(pinged, "closed without a ping first");
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+}

@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod probe;
+pub mod raw_ws;
 pub mod redis_server;
 pub mod server;
