@@ -361,3 +361,42 @@ async fn silent_peer_is_pinged_then_closed() {
     assert!(pinged, "closed without a ping first");
     assert!(started.elapsed() >= Duration::from_millis(1500));
 }
+
+async fn healthz_from(srv: &TestServer, forwarded_for: &str) -> u16 {
+    let res = srv
+        .http
+        .get(srv.url("/healthz"))
+        .header("x-forwarded-for", forwarded_for)
+        .send()
+        .await
+        .unwrap();
+    res.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarded_for_counts_only_behind_a_trusted_proxy() {
+    let clock = FakeRelativeClock::default();
+    let limited = |trusted: bool| {
+        let fake = clock.clone();
+        move |c: &mut livedrop::config::Config| {
+            c.limit_exempt = vec!["none".into()];
+            c.limit_clock = Some(fake);
+            c.http_rate = "2/m".parse().unwrap();
+            if trusted {
+                c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+            }
+        }
+    };
+    // Behind a trusted proxy (the test client on loopback), each forwarded client has its own
+    // budget.
+    let srv = TestServer::start_with(Engine::Memory, limited(true)).await;
+    assert_eq!(healthz_from(&srv, "1.1.1.1").await, 200);
+    assert_eq!(healthz_from(&srv, "1.1.1.1").await, 200);
+    assert_eq!(healthz_from(&srv, "1.1.1.1").await, 429);
+    assert_eq!(healthz_from(&srv, "2.2.2.2").await, 200);
+    // From an untrusted peer the header is ignored: spoofing it buys nothing.
+    let srv = TestServer::start_with(Engine::Memory, limited(false)).await;
+    assert_eq!(healthz_from(&srv, "1.1.1.1").await, 200);
+    assert_eq!(healthz_from(&srv, "2.2.2.2").await, 200);
+    assert_eq!(healthz_from(&srv, "3.3.3.3").await, 429);
+}
