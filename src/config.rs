@@ -275,5 +275,20 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().contains("--redis-url"));
+        let c = Config {
+            allowed_origins: vec!["shop.example".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--allowed-origins"));
+        let c = Config {
+            limit_exempt: vec!["localhost".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--limit-exempt"));
+        let c = Config {
+            max_conns_per_ip: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--max-conns-per-ip"));
     }
 }

@@ -408,3 +408,63 @@ pub async fn admit_claim(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_are_recognised() {
+        for yes in [
+            "see https://x.io",
+            "www.shop",
+            "buy at cheap-kicks.shop now",
+            "(scam.com)",
+            "HTTP://LOUD.EXAMPLE",
+        ] {
+            assert!(has_link(yes), "{yes}");
+        }
+        for no in ["hello", "e.g. this", "size 10.5 please", "wow...", "a . b"] {
+            assert!(!has_link(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn rules_are_checked() {
+        assert!(RoomRules::default().check().is_ok());
+        let slow = RoomRules {
+            slow_mode_secs: MAX_SLOW_MODE_SECS + 1,
+            ..RoomRules::default()
+        };
+        assert_eq!(slow.check().unwrap_err().code, "bad_rules");
+        let blank = RoomRules {
+            banned_words: vec!["  ".into()],
+            ..RoomRules::default()
+        };
+        assert!(blank.check().is_err());
+        let many = RoomRules {
+            banned_words: vec!["w".into(); MAX_BANNED_WORDS + 1],
+            ..RoomRules::default()
+        };
+        assert!(many.check().is_err());
+    }
+
+    #[test]
+    fn record_decodes() {
+        let fields: HashMap<String, String> = [
+            ("ban:eve", "1"),
+            ("mute:bob", "5000"),
+            ("del:m1", "1"),
+            ("rules", r#"{"slow_mode_secs":3,"banned_words":["x"]}"#),
+            ("unknown", "ignored"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let m = RoomModeration::decode(fields);
+        assert!(m.bans.contains("eve") && m.deleted.contains("m1"));
+        assert_eq!(m.muted_for("bob", 4000), 1000);
+        assert_eq!(m.muted_for("bob", 6000), 0);
+        assert_eq!(m.rules.slow_mode_secs, 3);
+    }
+}
