@@ -159,6 +159,10 @@ pub enum ServerMessage {
         qty: u64,
     },
     ClaimResult(CommandResult),
+    /// A host deleted a chat message: clients remove it.
+    ChatDeleted {
+        id: String,
+    },
 }
 
 impl ServerMessage {

@@ -20,6 +20,8 @@
 //! - `ld:{drop:ID}:ledger` stream: `op`, `claim_id`, `user`, `qty`, `ts`
 //! - `ld:{room:ID}:meta`   hash: `room` (JSON record), `seq`, `likes`
 //! - `ld:{room:ID}:chat`   stream, entry id `SEQ-0`, capped at exactly `history` entries
+//! - `ld:{room:ID}:mod`    hash: moderation record (`ban:USER`, `mute:USER`, `rules`, `del:MSG`)
+//! - `ld:{room:ID}:modlog` list: moderation log, newest first, capped
 //! - `ld:{room:ID}:drops`  list of the room's drop ids (cross-slot index)
 //! - `ld:{user:ID}:claims` zset of a user's claim ids by claim time (cross-slot index)
 //! - `ld:drops`            set of drop ids the sweeper visits (cross-slot index)
@@ -38,6 +40,7 @@
 //! Time is always passed in by the caller (never read inside Lua), and numbers travel as
 //! decimal strings so no counter ever becomes a float.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -157,6 +160,14 @@ fn room_meta(room: &str) -> String {
 
 fn room_chat(room: &str) -> String {
     format!("ld:{{room:{room}}}:chat")
+}
+
+fn room_mod(room: &str) -> String {
+    format!("ld:{{room:{room}}}:mod")
+}
+
+fn room_mod_log(room: &str) -> String {
+    format!("ld:{{room:{room}}}:modlog")
 }
 
 fn room_drops_key(room: &str) -> String {
@@ -940,5 +951,47 @@ impl Store for RedisStore {
         let mut cmd = redis::cmd("HKEYS");
         cmd.arg(&k.users);
         self.query(&cmd).await
+    }
+
+    async fn moderation(&self, room: &str) -> AppResult<HashMap<String, String>> {
+        self.query(redis::cmd("HGETALL").arg(room_mod(room))).await
+    }
+
+    async fn set_moderation(&self, room: &str, field: &str, value: Option<&str>) -> AppResult<()> {
+        let mut cmd = match value {
+            Some(_) => redis::cmd("HSET"),
+            None => redis::cmd("HDEL"),
+        };
+        cmd.arg(room_mod(room)).arg(field);
+        if let Some(v) = value {
+            cmd.arg(v);
+        }
+        self.query::<i64>(&cmd).await.map(|_| ())
+    }
+
+    async fn append_mod_log(&self, room: &str, entry: &str, keep: usize) -> AppResult<()> {
+        let key = room_mod_log(room);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("LPUSH")
+            .arg(&key)
+            .arg(entry)
+            .ignore()
+            .cmd("LTRIM")
+            .arg(&key)
+            .arg(0)
+            .arg(keep.saturating_sub(1))
+            .ignore();
+        self.query_pipe(&pipe).await.map(|_| ())
+    }
+
+    async fn mod_log(&self, room: &str, n: usize) -> AppResult<Vec<String>> {
+        self.query(
+            redis::cmd("LRANGE")
+                .arg(room_mod_log(room))
+                .arg(0)
+                .arg(n.saturating_sub(1)),
+        )
+        .await
     }
 }
