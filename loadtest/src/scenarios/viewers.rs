@@ -70,8 +70,8 @@ pub async fn run(args: ViewersArgs) -> anyhow::Result<ViewersSummary> {
     if !(args.duration > 0.0 && args.duration <= 600.0) {
         bail!("--duration must be in (0, 600] seconds");
     }
-    if args.viewers == 0 || args.viewers > 60_000 {
-        bail!("--viewers must be in 1..=60000");
+    if args.viewers == 0 || args.viewers > 250_000 {
+        bail!("--viewers must be in 1..=250000");
     }
     let source_ips = audience::source_ip_count(args.viewers, args.source_ips);
     let run_id = audience::run_id();
