@@ -48,19 +48,30 @@ fn render(title: &str, summary: &serde_json::Value, series: &[Series]) -> String
          font-family:ui-monospace,monospace;font-size:12px;vertical-align:top}}\
          .k{{color:#555}}.legend span{{margin-right:16px}}</style></head><body>\n<h1>{t}</h1>\n"
     );
-    if series.iter().all(|s| s.points().is_empty()) {
+    // Seconds before the first event of any series (connecting, setting up) are left out.
+    let first = series
+        .iter()
+        .filter_map(|s| s.points().iter().position(|p| p.count > 0))
+        .min();
+    let Some(first) = first else {
         h.push_str("<p>No per-second data was recorded.</p>\n");
-    }
+        return finish_page(h, summary);
+    };
     for s in series {
-        let points = s.points();
-        if points.is_empty() {
+        let points: Vec<Point> = s.points().into_iter().skip(first).collect();
+        if points.iter().all(|p| p.count == 0) {
             continue;
         }
         let name = escape(s.name());
         let unit = escape(s.unit());
         let _ = writeln!(h, "<h2>{name}</h2>");
         let counts: Vec<Option<f64>> = points.iter().map(|p| Some(p.count as f64)).collect();
-        h.push_str(&chart(&format!("{unit}/s"), &[("#3b6fb6", &counts)], true));
+        h.push_str(&chart(
+            &format!("{unit}/s"),
+            first,
+            &[("#3b6fb6", &counts)],
+            true,
+        ));
         let p50: Vec<Option<f64>> = points.iter().map(|p| p.p50_ms).collect();
         let p99: Vec<Option<f64>> = points.iter().map(|p| p.p99_ms).collect();
         if p50.iter().any(Option::is_some) {
@@ -68,10 +79,20 @@ fn render(title: &str, summary: &serde_json::Value, series: &[Series]) -> String
                 "<div class=\"legend\"><span style=\"color:#2a9d5b\">■ p50</span>\
                  <span style=\"color:#d1495b\">■ p99</span> latency (ms) per second</div>\n",
             );
-            h.push_str(&chart("ms", &[("#2a9d5b", &p50), ("#d1495b", &p99)], false));
+            h.push_str(&chart(
+                "ms",
+                first,
+                &[("#2a9d5b", &p50), ("#d1495b", &p99)],
+                false,
+            ));
         }
         h.push_str(&points_table(&points));
     }
+    finish_page(h, summary)
+}
+
+/// Appends the summary table and closes the page.
+fn finish_page(mut h: String, summary: &serde_json::Value) -> String {
     h.push_str("<h2>Summary</h2>\n<table>\n");
     let mut rows = Vec::new();
     flatten("", summary, &mut rows);
@@ -122,15 +143,18 @@ fn nice_max(v: f64) -> f64 {
 }
 
 fn fmt_tick(v: f64) -> String {
-    if v >= 10.0 || v == 0.0 {
+    if v.fract() == 0.0 {
         format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
     } else {
         format!("{v:.2}")
     }
 }
 
-/// An SVG chart over seconds 0..n: bars (`bars`) or lines, one per `(colour, values)`.
-fn chart(y_label: &str, lines: &[(&str, &Vec<Option<f64>>)], bars: bool) -> String {
+/// An SVG chart over seconds `first`.. (one value per second): bars (`bars`) or lines, one
+/// per `(colour, values)`.
+fn chart(y_label: &str, first: usize, lines: &[(&str, &Vec<Option<f64>>)], bars: bool) -> String {
     let n = lines.iter().map(|(_, v)| v.len()).max().unwrap_or(0).max(1);
     let max = lines
         .iter()
@@ -165,9 +189,10 @@ fn chart(y_label: &str, lines: &[(&str, &Vec<Option<f64>>)], bars: bool) -> Stri
     for i in (0..n).step_by(every) {
         let _ = writeln!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{i}s</text>",
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}s</text>",
             x_of(i),
-            HEIGHT - BOTTOM + 16.0
+            HEIGHT - BOTTOM + 16.0,
+            first + i
         );
     }
     let _ = writeln!(
@@ -185,9 +210,10 @@ fn chart(y_label: &str, lines: &[(&str, &Vec<Option<f64>>)], bars: bool) -> Stri
                     let y = y_of(*v);
                     let _ = writeln!(
                         s,
-                        "<rect x=\"{:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{colour}\"><title>{i}s: {}</title></rect>",
+                        "<rect x=\"{:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{colour}\"><title>{}s: {}</title></rect>",
                         x_of(i) - w / 2.0,
                         (TOP + plot_h - y).max(0.0),
+                        first + i,
                         fmt_tick(*v)
                     );
                 }
@@ -275,6 +301,18 @@ mod tests {
         assert!(page.contains("latency.p99_ms"));
         assert!(page.contains("&lt;b&gt;"));
         assert!(!page.contains("http://cdn") && !page.contains("<script"));
+    }
+
+    #[test]
+    fn leading_empty_seconds_are_left_out() {
+        let mut s = Series::new("chat", "deliveries");
+        s.record(3_200_000, 2_000);
+        s.record(4_100_000, 2_000);
+        let page = render("viewers", &serde_json::json!({}), &[s]);
+        assert!(page.contains(">3s<") && page.contains(">4s<"));
+        assert!(!page.contains(">0s<"));
+        let empty = render("viewers", &serde_json::json!({}), &[]);
+        assert!(empty.contains("No per-second data"));
     }
 
     #[test]
