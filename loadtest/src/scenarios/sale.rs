@@ -168,9 +168,19 @@ impl Sale {
     }
 }
 
+/// A drop's id (and remaining stock, where the frame has it).
 #[derive(Deserialize)]
-struct DropId {
+struct DropState {
     id: String,
+    #[serde(default)]
+    remaining: Option<u64>,
+}
+
+/// The drops of a `resync` snapshot.
+#[derive(Deserialize)]
+struct SnapshotDrops {
+    #[serde(default)]
+    drops: Vec<DropState>,
 }
 
 /// Runs the scenario; `passed` is false when an invariant broke.
@@ -442,7 +452,8 @@ fn take(t: &Mutex<Tally>, name: &str) -> Tally {
         .unwrap_or_else(|_| Tally::new(name))
 }
 
-/// One viewer: a buyer claims once on `drop_live`; every viewer times its `sold_out` and
+/// One viewer: a buyer claims once on `drop_live` (or a `resync` showing the drop); every
+/// viewer times its `sold_out` (or a `resync` showing none left) and
 /// measures chat latency, until told to stop or closed by the server.
 async fn viewer(i: u32, socket: ws::Socket, sale: Arc<Sale>, mut stop: watch::Receiver<bool>) {
     let buyer = i < sale.buyers_below;
@@ -463,34 +474,45 @@ async fn viewer(i: u32, socket: ws::Socket, sale: Arc<Sale>, mut stop: watch::Re
     };
     while let Next::Text(t) = audience::next_text(&mut stream, &mut stop, &sale.probe).await {
         let t = t.as_str();
-        if sale.probe.on_text(t, &mut batch) {
-            continue;
+        // What this frame says about the drop: live, and/or sold out. A `resync` (the viewer
+        // fell behind) carries the drops' state instead of the events it replaces.
+        let (live, sold) = if t.starts_with("{\"type\":\"drop_live\"") {
+            let ours = serde_json::from_str::<DropState>(t).is_ok_and(|d| d.id == sale.drop);
+            (ours, false)
+        } else if t.starts_with("{\"type\":\"sold_out\"") {
+            (false, t.contains(&format!("\"drop\":\"{}\"", sale.drop)))
+        } else if t.starts_with("{\"type\":\"resync\"") {
+            serde_json::from_str::<SnapshotDrops>(t)
+                .ok()
+                .and_then(|s| s.drops.into_iter().find(|d| d.id == sale.drop))
+                .map_or((false, false), |d| (true, d.remaining == Some(0)))
+        } else {
+            (false, false)
+        };
+        if sold && !saw_sold {
+            saw_sold = true;
+            sale.saw_sold_out();
         }
-        if t.starts_with("{\"type\":\"drop_live\"") {
-            let ours = serde_json::from_str::<DropId>(t).is_ok_and(|d| d.id == sale.drop);
-            if ours && buyer && !claimed {
-                claimed = true;
-                let from = Instant::now();
-                sale.ws_sent.fetch_add(1, Ordering::Relaxed);
-                tally.sent += 1;
-                match sink
-                    .send(Message::text(claim_frame(&sale.drop, &key)))
-                    .await
-                {
-                    Ok(()) => pending = Some(from),
-                    Err(e) => {
-                        tally.lost(&format!("ws send: {e}"));
-                        sale.ws_done.fetch_add(1, Ordering::AcqRel);
-                    }
+        if live && buyer && !claimed {
+            claimed = true;
+            let from = Instant::now();
+            sale.ws_sent.fetch_add(1, Ordering::Relaxed);
+            tally.sent += 1;
+            match sink
+                .send(Message::text(claim_frame(&sale.drop, &key)))
+                .await
+            {
+                Ok(()) => pending = Some(from),
+                Err(e) => {
+                    tally.lost(&format!("ws send: {e}"));
+                    sale.ws_done.fetch_add(1, Ordering::AcqRel);
                 }
             }
-        } else if t.starts_with("{\"type\":\"sold_out\"") {
-            let ours = t.contains(&format!("\"drop\":\"{}\"", sale.drop));
-            if ours && !saw_sold {
-                saw_sold = true;
-                sale.saw_sold_out();
-            }
-        } else if let Some(r) = ClaimResult::parse(t) {
+        }
+        if sale.probe.on_text(t, &mut batch) || live || sold {
+            continue;
+        }
+        if let Some(r) = ClaimResult::parse(t) {
             let Some(from) = pending else { continue };
             match r {
                 // An `error` frame while the claim is pending answers it (e.g. rate_limited).
