@@ -96,12 +96,13 @@ pub struct Config {
     pub trusted_proxies: Vec<IpAddr>,
 
     /// Peers exempt from rate limits and connection caps when they connect directly (no
-    /// `X-Forwarded-For`): local tooling and load tests. `none`: nobody is exempt.
+    /// `X-Forwarded-For`): a load generator on this machine (e.g. `127.0.0.1`). Off by
+    /// default (`none`), so no deployment is unlimited by accident.
     #[arg(
         long,
         env = "LIVEDROP_LIMIT_EXEMPT",
         value_delimiter = ',',
-        default_value = "127.0.0.1,::1"
+        default_value = "none"
     )]
     pub limit_exempt: Vec<String>,
 

@@ -363,9 +363,16 @@ mod tests {
     fn forwarded_for_only_from_trusted_proxies() {
         let config = Config {
             trusted_proxies: vec!["10.0.0.1".parse().unwrap()],
+            limit_exempt: vec!["127.0.0.1".into()],
             ..Config::default()
         };
         let limits = Limits::new(&config);
+        assert!(
+            !Limits::new(&Config::default())
+                .client_addr("127.0.0.1".parse().unwrap(), &HeaderMap::new())
+                .exempt,
+            "nobody is exempt by default"
+        );
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "6.6.6.6, 1.2.3.4".parse().unwrap());
         let proxy: IpAddr = "10.0.0.1".parse().unwrap();
