@@ -73,6 +73,9 @@ pub struct ChatProbe {
     last_arrival_us: AtomicU64,
     resyncs: AtomicU64,
     latency: Mutex<Latency>,
+    /// Messages sent at or after `mark_us` are also recorded in `since_mark`.
+    mark_us: AtomicU64,
+    since_mark: Mutex<Latency>,
     series: Mutex<Series>,
     closed: Mutex<Counts>,
 }
@@ -87,6 +90,8 @@ impl ChatProbe {
             last_arrival_us: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             latency: Mutex::new(Latency::new()),
+            mark_us: AtomicU64::new(u64::MAX),
+            since_mark: Mutex::new(Latency::new()),
             series: Mutex::new(Series::new(series, "deliveries")),
             closed: Mutex::new(Counts::new()),
         }
@@ -160,12 +165,33 @@ impl ChatProbe {
                 h.record_micros(*us);
             }
         }
+        let mark = self.mark_us.load(Ordering::Relaxed);
+        if batch.iter().any(|(at, us)| at - us >= mark)
+            && let Ok(mut h) = self.since_mark.lock()
+        {
+            for (_, us) in batch.iter().filter(|(at, us)| at - us >= mark) {
+                h.record_micros(*us);
+            }
+        }
         if let Ok(mut s) = self.series.lock() {
             for (at, us) in batch.iter() {
                 s.record(*at, *us);
             }
         }
         batch.clear();
+    }
+
+    /// From now on, messages sent are also counted in `latency_since_mark` (e.g. the rush).
+    pub fn mark(&self) {
+        self.mark_us.store(self.now_us(), Ordering::Relaxed);
+    }
+
+    /// End-to-end latency of the messages sent since `mark`.
+    pub fn latency_since_mark(&self) -> LatencySummary {
+        self.since_mark
+            .lock()
+            .map(|h| h.summary())
+            .unwrap_or_default()
     }
 
     /// Counts why a viewer's socket ended.

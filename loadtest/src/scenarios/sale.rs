@@ -83,7 +83,10 @@ pub struct SaleSummary {
     pub chat_published: u64,
     pub chat_errors: Counts,
     pub chat_received: u64,
+    /// Every chat message's latency, the lead-in included.
     pub chat_latency: LatencySummary,
+    /// Latency of the chat messages sent from the drop on.
+    pub chat_latency_rush: LatencySummary,
     pub resyncs: u64,
     pub closed_by_server: Counts,
     pub elapsed_s: f64,
@@ -324,6 +327,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
     let drop_start = Instant::now();
     sale.drop_at_us
         .store(sale.probe.now_us(), Ordering::Release);
+    sale.probe.mark();
     let created = host.create_drop(&room, &spec).await;
     let drop_request = drop_start.elapsed();
     let deadline = drop_start + timeout;
@@ -437,6 +441,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
         chat_errors,
         chat_received: sale.probe.received(),
         chat_latency: sale.probe.latency(),
+        chat_latency_rush: sale.probe.latency_since_mark(),
         resyncs: sale.probe.resyncs(),
         closed_by_server: sale.probe.closed(),
         elapsed_s: elapsed.as_secs_f64(),
@@ -646,6 +651,7 @@ pub fn print(s: &SaleSummary) {
         s.chat_received,
         s.chat_latency
     );
+    println!("      sent during the rush: {}", s.chat_latency_rush);
     println!(
         "  resyncs {}, closed by server: {}; rush took {:.2} s",
         s.resyncs,
