@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::server::{Engine, Received, TestServer};
 use livedrop::auth::Role;
+use reqwest::Method;
 use serde_json::{Value, json};
 
 fn drop_body(stock: u64, per_user: u64, hold: u64) -> Value {
@@ -39,15 +40,15 @@ async fn levels(srv: &TestServer, drop: &str) -> (u64, u64, u64, u64) {
 }
 
 async fn ledger_ops(srv: &TestServer, drop: &str, host: &str, op: &str) -> usize {
-    let res = srv
-        .http
-        .get(srv.url(&format!("/api/drops/{drop}/ledger")))
-        .bearer_auth(srv.token(host, Role::Host))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let body: Value = res.json().await.unwrap();
+    let (status, body) = srv
+        .call(
+            Method::GET,
+            format!("/api/drops/{drop}/ledger"),
+            host,
+            Role::Host,
+        )
+        .await;
+    assert_eq!(status, 200);
     body["entries"]
         .as_array()
         .unwrap()
@@ -131,77 +132,76 @@ both_engines!(drop_lifecycle_and_access, |engine| async move {
     assert_eq!(status, 201);
     let second_id = second["claim_id"].as_str().unwrap();
     // Someone else cannot release my claim.
-    let res = srv
-        .http
-        .delete(srv.url(&format!("/api/claims/{second_id}")))
-        .bearer_auth(srv.token("v2", Role::Viewer))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 403);
-    let res = srv
-        .http
-        .delete(srv.url(&format!("/api/claims/{second_id}")))
-        .bearer_auth(srv.token("v1", Role::Viewer))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let released: Value = res.json().await.unwrap();
+    let (status, _) = srv
+        .call(
+            Method::DELETE,
+            format!("/api/claims/{second_id}"),
+            "v2",
+            Role::Viewer,
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, released) = srv
+        .call(
+            Method::DELETE,
+            format!("/api/claims/{second_id}"),
+            "v1",
+            Role::Viewer,
+        )
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(released["status"], "released");
     // Confirming a released claim is refused.
-    let res = srv
-        .http
-        .post(srv.url(&format!("/api/claims/{second_id}/confirm")))
-        .bearer_auth(srv.token("v1", Role::Viewer))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 409);
-    let body: Value = res.json().await.unwrap();
+    let (status, body) = srv
+        .call(
+            Method::POST,
+            format!("/api/claims/{second_id}/confirm"),
+            "v1",
+            Role::Viewer,
+        )
+        .await;
+    assert_eq!(status, 409);
     assert_eq!(body["code"], "claim_closed");
     assert_eq!(levels(&srv, &id).await, (10, 9, 0, 1));
-    let res = srv
-        .http
-        .get(srv.url("/api/me/claims"))
-        .bearer_auth(srv.token("v1", Role::Viewer))
-        .send()
-        .await
-        .unwrap();
-    let mine: Value = res.json().await.unwrap();
+    let (_, mine) = srv
+        .call(Method::GET, "/api/me/claims", "v1", Role::Viewer)
+        .await;
     assert_eq!(mine["claims"].as_array().unwrap().len(), 2);
 
     // Ending: drop_ended to the room, then claims are refused with `ended`.
-    let res = srv
-        .http
-        .post(srv.url(&format!("/api/drops/{id}/end")))
-        .bearer_auth(srv.token("host2", Role::Host))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 403);
-    let res = srv
-        .http
-        .post(srv.url(&format!("/api/drops/{id}/end")))
-        .bearer_auth(srv.token("host1", Role::Host))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    let (status, _) = srv
+        .call(
+            Method::POST,
+            format!("/api/drops/{id}/end"),
+            "host2",
+            Role::Host,
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = srv
+        .call(
+            Method::POST,
+            format!("/api/drops/{id}/end"),
+            "host1",
+            Role::Host,
+        )
+        .await;
+    assert_eq!(status, 200);
     let ended = viewer.recv_type("drop_ended").await;
     assert_eq!(ended["drop"], id.as_str());
     let (status, body) = claim(&srv, &id, "v3", "k1", json!(1)).await;
     assert_eq!((status, body["code"].as_str()), (409, Some("ended")));
     assert_eq!(levels(&srv, &id).await, (10, 9, 0, 1));
     // A viewer cannot read the ledger.
-    let res = srv
-        .http
-        .get(srv.url(&format!("/api/drops/{id}/ledger")))
-        .bearer_auth(srv.token("v1", Role::Viewer))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 403);
+    let (status, _) = srv
+        .call(
+            Method::GET,
+            format!("/api/drops/{id}/ledger"),
+            "v1",
+            Role::Viewer,
+        )
+        .await;
+    assert_eq!(status, 403);
 });
 
 both_engines!(two_thousand_claimers_on_137, |engine| async move {

@@ -140,6 +140,27 @@ impl TestServer {
         res.json().await.unwrap()
     }
 
+    /// An HTTP call without a body as `sub` with `role`: the status and the JSON body
+    /// (`Null` when there is none).
+    #[allow(dead_code)]
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: impl AsRef<str>,
+        sub: &str,
+        role: Role,
+    ) -> (u16, Value) {
+        let res = self
+            .http
+            .request(method, self.url(path.as_ref()))
+            .bearer_auth(self.token(sub, role))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let res = self.http.get(self.url(path)).send().await.unwrap();
         let status = res.status().as_u16();
