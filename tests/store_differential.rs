@@ -135,6 +135,7 @@ async fn run_case(
         hold_secs: case.hold_secs,
         kind: DropKind::Flash,
         created_at: T0 - 1,
+        group: None,
     };
     check!(
         "create_drop",

@@ -33,3 +33,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         }
     }
 }
+
+/// The `Idempotency-Key` header, if sent (claims and joins require it, opens may use it).
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get("idempotency-key").and_then(|v| v.to_str().ok())
+}

@@ -4,6 +4,7 @@
 
 mod commerce;
 mod extract;
+mod groups;
 mod rooms;
 mod ws;
 
@@ -36,6 +37,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/claims/{claim}/confirm", post(commerce::confirm))
         .route("/api/claims/{claim}", delete(commerce::release))
         .route("/api/me/claims", get(commerce::my_claims))
+        .route(
+            "/api/drops/{drop}/groups",
+            post(groups::open).get(groups::list),
+        )
+        .route("/api/groups/{group}", get(groups::show))
+        .route("/api/groups/{group}/join", post(groups::join))
         .route("/ws/rooms/{room}", get(ws::upgrade))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

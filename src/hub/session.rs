@@ -13,11 +13,13 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::auth::{Identity, Role};
 use crate::bus::{Event, EventKind};
+use crate::commerce::groups::group_json;
 use crate::commerce::{claim_json, drop_json, is_live};
 use crate::error::{AppError, AppResult};
 use crate::model::{Room, User, now_millis};
 use crate::protocol::{ClientMessage, CommandResult, MAX_LIKES_PER_FRAME, ServerMessage, Snapshot};
 use crate::state::AppState;
+use crate::store::GroupAnswer;
 
 /// Chat messages in a welcome without `since`.
 pub const WELCOME_CHAT: usize = 50;
@@ -421,25 +423,29 @@ impl Reader {
                 self.reply(command_result(claim, result.map(|t| claim_json(&t.claim))))
                     .await
             }
+            ClientMessage::OpenGroup { drop, key } => {
+                let result = match self.identity.require(Role::Viewer) {
+                    Ok(()) => state.commerce.open_group(user, &drop, Some(&key)).await,
+                    Err(e) => Err(e),
+                };
+                self.reply(group_result(key, result)).await
+            }
+            ClientMessage::JoinGroup { group, key } => {
+                let result = match self.identity.require(Role::Viewer) {
+                    Ok(()) => state.commerce.join_group(user, &group, &key).await,
+                    Err(e) => Err(e),
+                };
+                self.reply(group_result(key, result)).await
+            }
         }
     }
 }
 
 fn command_result(key: String, result: AppResult<serde_json::Value>) -> ServerMessage {
-    ServerMessage::ClaimResult(match result {
-        Ok(claim) => CommandResult {
-            key,
-            ok: true,
-            claim: Some(claim),
-            code: None,
-            message: None,
-        },
-        Err(e) => CommandResult {
-            key,
-            ok: false,
-            claim: None,
-            code: Some(e.code),
-            message: Some(e.message),
-        },
-    })
+    ServerMessage::ClaimResult(CommandResult::new(key, result, false))
+}
+
+fn group_result(key: String, result: AppResult<GroupAnswer>) -> ServerMessage {
+    let result = result.map(|a| group_json(&a.group));
+    ServerMessage::GroupResult(CommandResult::new(key, result, true))
 }

@@ -1,4 +1,5 @@
--- Reserves units of a drop: idempotency replay, then ended, not_started, limit_reached,
+-- Reserves units of a drop: idempotency replay, then solo_not_allowed (a group-only
+-- drop), ended, not_started, limit_reached,
 -- sold_out, in the memory engine's order; on success writes the claim, its hold, the
 -- user's count, the idempotency record and the `claim` ledger entry.
 -- KEYS: 1 meta, 2 claims, 3 holds, 4 users, 5 idempotency record, 6 ledger
@@ -8,7 +9,7 @@ local drop, user, qty_s, now_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local qty, now = tonumber(qty_s), tonumber(now_s)
 
 local m = redis.call('HMGET', meta, 'total', 'remaining', 'reserved', 'sold', 'ended',
-  'starts_at', 'ends_at', 'limit', 'hold_ms', 'next_claim')
+  'starts_at', 'ends_at', 'limit', 'hold_ms', 'next_claim', 'solo')
 if not m[1] then
   return refuse('not_found', 'drop')
 end
@@ -34,19 +35,18 @@ if rec then
   redis.call('DEL', idem)
 end
 
-if m[5] == '1' or (m[7] ~= '' and now >= tonumber(m[7])) then
-  return refuse('ended', '')
+if m[11] == '0' then
+  return refuse('solo_not_allowed', '')
 end
-if now < tonumber(m[6]) then
-  return refuse('not_started', '')
+local refused = window_refusal(m[5], m[6], m[7], now)
+if refused then
+  return refused
 end
 local held = tonumber(redis.call('HGET', users, user) or '0')
-if held + qty > tonumber(m[8]) then
-  return refuse('limit_reached', m[8])
-end
 local remaining = tonumber(m[2])
-if remaining < qty then
-  return refuse('sold_out', '')
+refused = units_refusal(held, qty, m[8], remaining)
+if refused then
+  return refused
 end
 
 -- Every precondition holds: write.
