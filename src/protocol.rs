@@ -113,6 +113,9 @@ pub struct Snapshot {
     pub recovered: Option<bool>,
     /// Live drops, in the same JSON shape as `GET /api/drops/{drop}`.
     pub drops: Vec<serde_json::Value>,
+    /// Open groups of the live group drops (each drop's fullest first), as
+    /// `GET /api/groups/{group}`: what a newcomer needs to join one.
+    pub groups: Vec<serde_json::Value>,
     /// The viewer's own identity, so a page can tell its messages apart.
     pub you: crate::model::User,
 }

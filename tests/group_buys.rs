@@ -103,6 +103,10 @@ both_engines!(group_lifecycle_and_refusals, |engine| async move {
         (Some(gid.as_str()), Some(1))
     );
 
+    // A newcomer's welcome lists the open group.
+    let (_, welcome) = srv.viewer("shop", "newcomer").await;
+    assert_eq!(welcome["groups"][0]["group_id"], gid.as_str());
+    assert_eq!(welcome["groups"][0]["members"], 1);
     // Readable by anyone; listed as open.
     let (status, shown) = srv.get_json(&format!("/api/groups/{gid}")).await;
     assert_eq!((status, shown["members"].as_u64()), (200, Some(1)));

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{Commerce, NewDrop, check_key, format_time};
 use crate::bus::EventKind;
 use crate::error::{AppError, AppResult};
-use crate::model::{DropKind, Group, GroupStatus, GroupTerms, Millis, User, now_millis};
+use crate::model::{DropKind, DropState, Group, GroupStatus, GroupTerms, Millis, User, now_millis};
 use crate::protocol::{ServerMessage, check_id};
 use crate::store::{GroupAnswer, GroupRequest, group_drop};
 
@@ -126,6 +126,22 @@ impl Commerce {
     pub async fn drop_groups(&self, drop: &str) -> AppResult<Vec<Group>> {
         check_id("drop id", drop).map_err(|_| AppError::not_found("drop"))?;
         self.store.drop_groups(drop).await
+    }
+
+    /// The open groups of the given drops' group drops, as clients see them (for the
+    /// welcome snapshot).
+    pub async fn open_groups_json(&self, drops: &[DropState]) -> AppResult<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        for d in drops.iter().filter(|d| d.drop.group.is_some()) {
+            out.extend(
+                self.store
+                    .drop_groups(&d.drop.id)
+                    .await?
+                    .iter()
+                    .map(group_json),
+            );
+        }
+        Ok(out)
     }
 
     /// Tells the room about a new open or join (replays changed nothing and say nothing).

@@ -63,13 +63,10 @@ pub async fn snapshot(
     };
     let seq = chat.last().map(|m| m.seq).unwrap_or(seq_before);
     let now = now_millis();
-    let drops = store
-        .room_drops(&room.id)
-        .await?
-        .iter()
-        .filter(|d| is_live(d, now))
-        .map(drop_json)
-        .collect();
+    let mut live = store.room_drops(&room.id).await?;
+    live.retain(|d| is_live(d, now));
+    let groups = state.commerce.open_groups_json(&live).await?;
+    let drops = live.iter().map(drop_json).collect();
     Ok(Snapshot {
         room: room.clone(),
         viewers: state.hub.viewers(&room.id),
@@ -78,6 +75,7 @@ pub async fn snapshot(
         seq,
         recovered,
         drops,
+        groups,
         you: you.clone(),
     })
 }
