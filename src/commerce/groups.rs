@@ -125,7 +125,11 @@ impl Commerce {
     /// A drop's open groups, fullest first: what a room shows to get people joining.
     pub async fn drop_groups(&self, drop: &str) -> AppResult<Vec<Group>> {
         check_id("drop id", drop).map_err(|_| AppError::not_found("drop"))?;
-        self.store.drop_groups(drop).await
+        let mut groups = self.store.drop_groups(drop).await?;
+        // A group past its deadline that the sweeper has not reached yet cannot be joined.
+        let now = now_millis();
+        groups.retain(|g| g.expires_at > now);
+        Ok(groups)
     }
 
     /// The open groups of the given drops' group drops, as clients see them (for the
@@ -133,13 +137,7 @@ impl Commerce {
     pub async fn open_groups_json(&self, drops: &[DropState]) -> AppResult<Vec<serde_json::Value>> {
         let mut out = Vec::new();
         for d in drops.iter().filter(|d| d.drop.group.is_some()) {
-            out.extend(
-                self.store
-                    .drop_groups(&d.drop.id)
-                    .await?
-                    .iter()
-                    .map(group_json),
-            );
+            out.extend(self.drop_groups(&d.drop.id).await?.iter().map(group_json));
         }
         Ok(out)
     }
