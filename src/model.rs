@@ -108,6 +108,7 @@ pub enum GroupStatus {
 }
 
 impl GroupStatus {
+    /// The wire and store spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             GroupStatus::Open => "open",
@@ -116,6 +117,7 @@ impl GroupStatus {
         }
     }
 
+    /// Reads a stored status; `None` for anything else (a corrupt record).
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "open" => GroupStatus::Open,

@@ -167,6 +167,8 @@ pub trait Store: Send + Sync + 'static {
     /// `group_full` (completed), `group_closed` (failed or past its deadline),
     /// `already_member`, `ended`, `limit_reached`, `sold_out`.
     async fn join_group(&self, req: &GroupRequest) -> AppResult<GroupAnswer>;
+    /// A group in any status (`None` for an unknown or malformed id): what a shared link
+    /// shows.
     async fn get_group(&self, group_id: &str) -> AppResult<Option<Group>>;
     /// A drop's open groups, fullest first (then nearest deadline, then oldest), at most
     /// `GROUPS_LIST_MAX`.
