@@ -1261,6 +1261,49 @@ async fn redis_two_instances_share_stock_and_limits() {
     assert_eq!((st.levels.remaining, st.levels.reserved), (0, 50));
 }
 
+/// Two server instances on one Redis: 200 joiners split between them fill a group of 5
+/// with exactly 4 joins; then both sweep a 3-of-5 group at its deadline and it fails once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_two_instances_fill_and_fail_groups_once() {
+    let server = RedisServer::start();
+    let a = redis_store(&server).await;
+    let b = redis_store(&server).await;
+    a.create_drop(&group_drop_("d1", 20, 1, 5)).await.unwrap();
+    a.open_group(&greq("d1", "leader", None, T0)).await.unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                s.join_group(&greq("d1.g1", &format!("u{i}"), Some("k"), T0 + 1))
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code, "group_full"),
+        }
+    }
+    assert_eq!(ok, 4);
+    b.open_group(&greq("d1", "x1", None, T0 + 2)).await.unwrap();
+    for u in ["x2", "x3"] {
+        a.join_group(&greq("d1.g2", u, Some("k"), T0 + 3))
+            .await
+            .unwrap();
+    }
+    let at = T0 + 60_002;
+    let (fa, fb) = tokio::join!(a.fail_groups("d1", at), b.fail_groups("d1", at));
+    let failed = fa.unwrap().failed.len() + fb.unwrap().failed.len();
+    assert_eq!(failed, 1);
+    let st = b.get_drop("d1").await.unwrap().unwrap();
+    assert_eq!(counts(&st.levels), (20, 15, 0, 5));
+    let l = a.ledger("d1").await.unwrap();
+    assert_eq!(ledger_ops(&l, "group_complete"), 1);
+    assert_eq!(ledger_ops(&l, "group_fail"), 1);
+}
+
 /// Retries an operation while the store reconnects (the first calls after a restart may
 /// still see the dead connection).
 async fn retry_until_ok<T, F, Fut>(mut f: F) -> T
