@@ -1,100 +1,218 @@
 #!/usr/bin/env bash
 # Runs the benchmark set behind docs/benchmarks.md against fresh loopback servers, one per
-# group (so each RSS baseline is clean). Every run is bounded (≤ 30 s) and stops by itself.
-# Run from the repository root. Usage: loadtest/bench.sh [OUT_DIR] [memory|redis|all]   (build first:
-#   CARGO_TARGET_DIR=/work/target-loadtest cargo build --release -j 2 -p livedrop -p livedrop-loadtest)
+# group (so each RSS baseline is clean). Every run is bounded and stops by itself.
+# Run from the repository root:
+#   loadtest/bench.sh [OUT_DIR] [all|memory|fanout|connections|sale|redis|smoke]
+# Build first:
+#   CARGO_TARGET_DIR=/work/target-loadtest cargo build --release -j 2 -p livedrop -p livedrop-loadtest
+# The node reference peer needs `npm ci` in loadtest/peers/node-ws-room (done here if missing).
+#
+# Sets:
+#   memory       /healthz reference vs memory-engine claims (HTTP and WS, max speed and open loop)
+#   fanout       5 000 viewers, publisher at 5, 20 and 50 msg/s, livedrop vs the node ws peer,
+#                with RSS per idle viewer (and 1 000 viewers at the same rates, for p99 context)
+#   connections  as many idle viewers as file descriptors allow, over several source addresses,
+#                livedrop vs the node peer, RSS per connection
+#   sale         5 000 viewers, stock 1 000, 20 000 HTTP claimers, chat during the rush
+#   redis        redis-engine claims + redis-benchmark on claim.lua via EVALSHA (50 clients,
+#                unpipelined and -P 16)
+#   smoke        every scenario at a tiny scale (200 viewers, 2 s): proves the tool works
+#   all          memory fanout connections sale redis
+# Every run writes OUT/NAME.txt, OUT/NAME.json and OUT/NAME.html (charts + summary).
 set -euo pipefail
 OUT=${1:-/tmp/livedrop-bench}
 WHICH=${2:-all}
 BIN=${CARGO_TARGET_DIR:-target}/release
+SERVER_BIN=${SERVER_BIN:-$BIN/livedrop}
 SECRET=bench-secret-0123456789abcdef
 PORT=18181
+PEER_PORT=18182
 REDIS_PORT=16389
 TARGET=http://127.0.0.1:$PORT
+PEER_TARGET=http://127.0.0.1:$PEER_PORT
+PEER_DIR=loadtest/peers/node-ws-room
 LT=("$BIN/livedrop-loadtest")
 mkdir -p "$OUT"
-ulimit -n 20000
+# Room for many sockets: both the server and the load tool inherit this.
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+FDS=$(ulimit -n)
+
+# Scale (the smoke set shrinks these).
+FANOUT_VIEWERS=5000
+FANOUT_SMALL=1000
+FANOUT_RATES="5 20 50"
+FANOUT_SECS=10
+CONN_MAX=${CONN_MAX:-100000}
+SALE_VIEWERS=5000
+SALE_STOCK=1000
+SALE_CLAIMERS=20000
+CLAIMS_SECS=10
+if [ "$WHICH" = smoke ]; then
+  FANOUT_VIEWERS=200; FANOUT_SMALL=100; FANOUT_RATES="5 20"; FANOUT_SECS=2
+  CONN_MAX=2000; SALE_VIEWERS=200; SALE_STOCK=100; SALE_CLAIMERS=1000; CLAIMS_SECS=2
+fi
 
 SERVER_PID=
+PEER_PID=
 REDIS_PID=
-stop_all() {
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=
-  [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null || true
-  REDIS_PID=
-}
+stop_pid() { [ -n "$1" ] && kill "$1" 2>/dev/null && wait "$1" 2>/dev/null || true; }
+stop_server() { stop_pid "$SERVER_PID"; SERVER_PID=; }
+stop_peer() { stop_pid "$PEER_PID"; PEER_PID=; }
+stop_all() { stop_server; stop_peer; stop_pid "$REDIS_PID"; REDIS_PID=; }
 trap stop_all EXIT
 
-start_server() { # [extra serve flags…]
-  stop_all_server
-  "$BIN/livedrop" serve --listen 127.0.0.1:$PORT --jwt-secret "$SECRET" --no-demo "$@" \
-    >"$OUT/server.log" 2>&1 &
-  SERVER_PID=$!
-  for _ in $(seq 50); do curl -sf "$TARGET/healthz" >/dev/null 2>&1 && return; sleep 0.1; done
-  echo "server did not start" >&2; cat "$OUT/server.log" >&2; exit 1
-}
-stop_all_server() {
-  [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=
+wait_port() { # PORT LOG
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return
+    sleep 0.1
+  done
+  echo "nothing listens on $1" >&2; cat "$2" >&2; exit 1
 }
 
-run() { # NAME ARGS…
-  local name=$1; shift
+start_server() { # [extra serve flags…]
+  stop_server
+  "$SERVER_BIN" serve --listen 127.0.0.1:$PORT --jwt-secret "$SECRET" --no-demo "$@" \
+    >"$OUT/server.log" 2>&1 &
+  SERVER_PID=$!
+  wait_port $PORT "$OUT/server.log"
+}
+
+start_peer() {
+  stop_peer
+  if [ ! -d "$PEER_DIR/node_modules" ]; then (cd "$PEER_DIR" && npm ci --silent); fi
+  # node itself (not a wrapper shell) gets the pid, so --pid reads the peer's own RSS.
+  node "$PEER_DIR/server.js" $PEER_PORT 127.0.0.1 >"$OUT/peer.log" 2>&1 &
+  PEER_PID=$!
+  wait_port $PEER_PORT "$OUT/peer.log"
+}
+
+run() { # NAME TARGET ARGS…
+  local name=$1 target=$2; shift 2
   echo "== $name: livedrop-loadtest $*" | tee "$OUT/$name.txt"
-  timeout 120 "${LT[@]}" "$@" --target "$TARGET" --jwt-secret "$SECRET" --quiet \
-    --json "$OUT/$name.json" | tee -a "$OUT/$name.txt" ||
+  timeout 600 "${LT[@]}" "$@" --target "$target" --jwt-secret "$SECRET" --quiet \
+    --json "$OUT/$name.json" --report "$OUT/$name.html" | tee -a "$OUT/$name.txt" ||
     echo "!! $name exited non-zero" | tee -a "$OUT/$name.txt"
 }
 
 claims_set() { # PREFIX
-  local p=$1
-  run "$p-http-claims" claims --transport http --users 1000 --stock 10000000 \
-    --per-user-limit 1000 --concurrency 32 --duration 10
-  run "$p-http-claims-rate" claims --transport http --users 1000 --stock 10000000 \
-    --per-user-limit 1000 --concurrency 64 --rate 10000 --duration 10
-  run "$p-http-soldout" claims --transport http --users 10000 --stock 1000 \
-    --per-user-limit 1 --concurrency 32 --duration 10
-  run "$p-ws-claims" claims --transport ws --users 256 --stock 10000000 \
-    --per-user-limit 1000 --concurrency 256 --pipeline 16 --requests 250000 --duration 20
-  run "$p-ws-claims-rate" claims --transport ws --users 256 --stock 10000000 \
-    --per-user-limit 1000 --concurrency 256 --rate 10000 --duration 10
+  local p=$1 d=$CLAIMS_SECS
+  run "$p-http-claims" $TARGET claims --transport http --users 1000 --stock 10000000 \
+    --per-user-limit 1000 --concurrency 32 --duration "$d"
+  run "$p-http-claims-rate" $TARGET claims --transport http --users 1000 --stock 10000000 \
+    --per-user-limit 1000 --concurrency 64 --rate 10000 --duration "$d"
+  run "$p-http-soldout" $TARGET claims --transport http --users 10000 --stock 1000 \
+    --per-user-limit 1 --concurrency 32 --duration "$d"
+  run "$p-ws-claims" $TARGET claims --transport ws --users 256 --stock 10000000 \
+    --per-user-limit 1000 --concurrency 256 --pipeline 16 --requests 250000 --duration "$((d * 2))"
+  run "$p-ws-claims-rate" $TARGET claims --transport ws --users 256 --stock 10000000 \
+    --per-user-limit 1000 --concurrency 256 --rate 10000 --duration "$d"
 }
 
-if [ "$WHICH" = memory ] || [ "$WHICH" = all ]; then
+memory_set() {
   start_server
-  run mem-healthz claims --endpoint healthz --concurrency 32 --duration 10
+  run mem-healthz $TARGET claims --endpoint healthz --concurrency 32 --duration "$CLAIMS_SECS"
   claims_set mem
-  start_server
-  run mem-viewers-1000 viewers --viewers 1000 --rate 20 --duration 10 --pid "$SERVER_PID"
-  start_server
-  run mem-viewers-5000 viewers --viewers 5000 --rate 5 --duration 10 --pid "$SERVER_PID"
-  stop_all_server
-fi
+  stop_server
+}
 
-if [ "$WHICH" = redis ] || [ "$WHICH" = all ]; then
+# Fan-out: a fresh process per run, so RSS per idle viewer is measured from a clean baseline.
+fanout_set() {
+  local n rate
+  for n in $FANOUT_VIEWERS $FANOUT_SMALL; do
+    for rate in $FANOUT_RATES; do
+      start_server
+      run "fanout-livedrop-$n-r$rate" $TARGET viewers --viewers "$n" --rate "$rate" \
+        --duration "$FANOUT_SECS" --pid "$SERVER_PID"
+      stop_server
+      start_peer
+      run "fanout-node-$n-r$rate" $PEER_TARGET viewers --peer plain --viewers "$n" \
+        --rate "$rate" --duration "$FANOUT_SECS" --pid "$PEER_PID"
+      stop_peer
+    done
+  done
+}
+
+# Connections: as many idle viewers as the fd limit allows (both processes hold one fd per
+# socket), spread over one source address per 10 000, one message at the end to prove them live.
+connections_set() {
+  local n=$(( FDS - 2000 ))
+  [ "$n" -gt "$CONN_MAX" ] && n=$CONN_MAX
+  echo "connections: fd limit $FDS -> $n viewers" | tee "$OUT/connections.txt"
+  start_server
+  run "connections-livedrop-$n" $TARGET viewers --viewers "$n" --rate 1 --duration 2 \
+    --connect-concurrency 256 --pid "$SERVER_PID"
+  stop_server
+  start_peer
+  run "connections-node-$n" $PEER_TARGET viewers --peer plain --viewers "$n" --rate 1 \
+    --duration 2 --connect-concurrency 256 --pid "$PEER_PID"
+  stop_peer
+}
+
+sale_set() {
+  start_server
+  run "sale-$SALE_VIEWERS-$SALE_STOCK-$SALE_CLAIMERS" $TARGET sale --viewers "$SALE_VIEWERS" \
+    --stock "$SALE_STOCK" --claimers "$SALE_CLAIMERS" --http-concurrency 64 --chat-rate 20 \
+    --timeout 60
+  stop_server
+}
+
+redis_set() {
   redis-server --port $REDIS_PORT --bind 127.0.0.1 --save "" --appendonly no \
     --daemonize no >"$OUT/redis.log" 2>&1 &
   REDIS_PID=$!
-  sleep 0.5
+  wait_port $REDIS_PORT "$OUT/redis.log"
   start_server --redis-url redis://127.0.0.1:$REDIS_PORT
   claims_set redis
-  # Reference: redis-benchmark running the server's own claim script (EVALSHA, no
-  # pipelining) on a fresh drop, with a fresh user and idempotency key per call.
+  # Reference: redis-benchmark running the server's own claim script (EVALSHA, a batch of
+  # one claim) on a fresh drop, with a fresh user and idempotency key per call.
+  local drop sha now exp k c
   drop=$(timeout 60 "${LT[@]}" claims --target "$TARGET" --jwt-secret "$SECRET" --quiet \
     --users 10 --stock 10000000 --per-user-limit 1000 --concurrency 2 --requests 10 |
     head -1 | sed 's/.*drop //')
   sha=$( (printf '#!lua\n'; cat src/store/lua/common.lua src/store/lua/claim.lua) | sha1sum | cut -d' ' -f1)
   now=$(date +%s%3N); exp=$((now + 86400000)); k="ld:{drop:$drop}"
-  for c in 32 1; do
-    echo "== redis-benchmark claim.lua -c $c" | tee "$OUT/redis-benchmark-claim-c$c.csv"
-    timeout 60 redis-benchmark -p $REDIS_PORT -c $c -n 100000 -r 100000000 --csv \
+  for c in "-c 50" "-c 50 -P 16" "-c 1"; do
+    local tag=${c// /}
+    echo "== redis-benchmark claim.lua $c" | tee "$OUT/redis-benchmark-claim$tag.csv"
+    # shellcheck disable=SC2086
+    timeout 120 redis-benchmark -p $REDIS_PORT $c -n 200000 -r 100000000 --csv \
       evalsha "$sha" 6 "$k:meta" "$k:claims" "$k:holds" "$k:users" \
       "$k:idem:5:rb__rand_int__:k__rand_int__" "$k:ledger" "$drop" rb__rand_int__ 1 \
       "$now" "$exp" 86400000 | sed 's/^"evalsha[^"]*"/"evalsha claim.lua"/' |
-      tee -a "$OUT/redis-benchmark-claim-c$c.csv"
+      tee -a "$OUT/redis-benchmark-claim$tag.csv"
   done
-  echo "== redis-benchmark set,get -c 32" | tee "$OUT/redis-benchmark-setget.csv"
-  timeout 60 redis-benchmark -p $REDIS_PORT -c 32 -n 200000 --csv -t set,get |
+  echo "== redis-benchmark set,get -c 50" | tee "$OUT/redis-benchmark-setget.csv"
+  timeout 60 redis-benchmark -p $REDIS_PORT -c 50 -n 200000 --csv -t set,get |
     tee -a "$OUT/redis-benchmark-setget.csv"
-fi
+  stop_server
+  stop_pid "$REDIS_PID"; REDIS_PID=
+}
+
+smoke_set() {
+  start_server
+  run smoke-healthz $TARGET claims --endpoint healthz --concurrency 8 --duration 2
+  run smoke-http-claims $TARGET claims --transport http --users 200 --stock 100000 \
+    --per-user-limit 1000 --concurrency 8 --duration 2
+  run smoke-ws-claims $TARGET claims --transport ws --users 32 --stock 100000 \
+    --per-user-limit 1000 --concurrency 32 --duration 2
+  stop_server
+  fanout_set
+  connections_set
+  sale_set
+  start_server
+  # The group-buy contract may not be served yet: a refusal here is expected until it is.
+  run smoke-groups $TARGET groups --groups 50 --group-size 3 --extra-joiners 1 --timeout 10
+  stop_server
+}
+
+case "$WHICH" in
+  memory) memory_set ;;
+  fanout) fanout_set ;;
+  connections) connections_set ;;
+  sale) sale_set ;;
+  redis) redis_set ;;
+  smoke) smoke_set ;;
+  all) memory_set; fanout_set; connections_set; sale_set; redis_set ;;
+  *) echo "unknown set $WHICH" >&2; exit 2 ;;
+esac
 echo "results in $OUT"

@@ -46,9 +46,38 @@ pub struct Claims {
 pub struct Identity {
     pub user: User,
     pub role: Role,
+    /// When the token stops being valid (Unix seconds); re-checked on every WebSocket command.
+    pub expires_at: u64,
 }
 
 impl Identity {
+    /// An anonymous watcher (only with `--allow-guests`): a fresh id, the `Guest` role.
+    pub fn guest() -> Self {
+        let id = format!("guest-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        Identity {
+            user: User {
+                name: "guest".into(),
+                id,
+            },
+            role: Role::Guest,
+            expires_at: u64::MAX,
+        }
+    }
+
+    /// Refuses a token that expired while its connection stayed open (`token_expired`, 401).
+    pub fn check_live(&self) -> Result<(), AppError> {
+        let now = (crate::model::now_millis() / 1000) as u64;
+        if now > self.expires_at {
+            Err(AppError::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "token_expired",
+                "the token expired; reconnect with a fresh one",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Refuses anyone below `role`.
     pub fn require(&self, role: Role) -> Result<(), AppError> {
         if self.role >= role {
@@ -128,6 +157,7 @@ impl Authenticator {
         Ok(Identity {
             user: User { id: c.sub, name },
             role: c.role,
+            expires_at: c.exp,
         })
     }
 

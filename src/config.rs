@@ -2,9 +2,11 @@
 //! one struct that is validated before anything starts. A bad setting stops start-up with a
 //! message that names it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use clap::Args;
+
+use crate::limits::Rate;
 
 /// Settings of one server process.
 #[derive(Args, Clone, Debug)]
@@ -78,6 +80,74 @@ pub struct Config {
     /// Seconds an idempotency key is remembered.
     #[arg(long, env = "LIVEDROP_IDEMPOTENCY_TTL_SECS", default_value_t = 86_400)]
     pub idempotency_ttl_secs: u64,
+
+    // ---- trust and abuse (docs/security.md lists each with its refusal) ----
+    /// Let anonymous guests watch rooms (no token): they cannot chat, like or claim.
+    #[arg(long, env = "LIVEDROP_ALLOW_GUESTS")]
+    pub allow_guests: bool,
+
+    /// Origins allowed to open a WebSocket from a browser, comma-separated
+    /// (e.g. `https://shop.example`). Empty: only the server's own origin (its Host header).
+    #[arg(long, env = "LIVEDROP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Proxy addresses whose `X-Forwarded-For` is believed, comma-separated IPs.
+    #[arg(long, env = "LIVEDROP_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpAddr>,
+
+    /// Peers exempt from rate limits and connection caps when they connect directly (no
+    /// `X-Forwarded-For`): local tooling and load tests. `none`: nobody is exempt.
+    #[arg(
+        long,
+        env = "LIVEDROP_LIMIT_EXEMPT",
+        value_delimiter = ',',
+        default_value = "127.0.0.1,::1"
+    )]
+    pub limit_exempt: Vec<String>,
+
+    /// Chat messages per user per room (`N/PERIOD`, PERIOD s, m, h or e.g. 10s; burst N).
+    #[arg(long, env = "LIVEDROP_CHAT_RATE", default_value = "5/10s")]
+    pub chat_rate: Rate,
+
+    /// `like` frames per user (each carries up to 100 taps).
+    #[arg(long, env = "LIVEDROP_LIKE_RATE", default_value = "20/s")]
+    pub like_rate: Rate,
+
+    /// Claims per user (HTTP and WebSocket together).
+    #[arg(long, env = "LIVEDROP_CLAIM_RATE", default_value = "10/s")]
+    pub claim_rate: Rate,
+
+    /// Claims admitted per drop per instance: shields the store in a thundering herd.
+    #[arg(long, env = "LIVEDROP_DROP_CLAIM_RATE", default_value = "20000/s")]
+    pub drop_claim_rate: Rate,
+
+    /// WebSocket connects per client IP.
+    #[arg(long, env = "LIVEDROP_WS_CONNECT_RATE", default_value = "120/m")]
+    pub ws_connect_rate: Rate,
+
+    /// HTTP requests per client IP.
+    #[arg(long, env = "LIVEDROP_HTTP_RATE", default_value = "1200/m")]
+    pub http_rate: Rate,
+
+    /// Open WebSockets per client IP (a NAT or proxy carries many viewers).
+    #[arg(long, env = "LIVEDROP_MAX_CONNS_PER_IP", default_value_t = 1000)]
+    pub max_conns_per_ip: usize,
+
+    /// Open WebSockets per user (tabs and devices).
+    #[arg(long, env = "LIVEDROP_MAX_CONNS_PER_USER", default_value_t = 8)]
+    pub max_conns_per_user: usize,
+
+    /// Refuse chat messages that contain links (`blocked_content`).
+    #[arg(long, env = "LIVEDROP_BLOCK_LINKS")]
+    pub block_links: bool,
+
+    /// Seconds between sweeps that forget idle rate-limit keys (bounds their memory).
+    #[arg(long, env = "LIVEDROP_LIMIT_SWEEP_SECS", default_value_t = 60)]
+    pub limit_sweep_secs: u64,
+
+    /// Tests only: drive every rate limiter from this fake clock instead of real time.
+    #[arg(skip)]
+    pub limit_clock: Option<governor::clock::FakeRelativeClock>,
 }
 
 impl Default for Config {
@@ -141,6 +211,31 @@ impl Config {
             60,
             30 * 86_400,
         )?;
+        range(
+            "--max-conns-per-ip",
+            self.max_conns_per_ip as u64,
+            1,
+            1 << 24,
+        )?;
+        range(
+            "--max-conns-per-user",
+            self.max_conns_per_user as u64,
+            1,
+            1 << 20,
+        )?;
+        range("--limit-sweep-secs", self.limit_sweep_secs, 1, 86_400)?;
+        for ip in &self.limit_exempt {
+            if ip != "none" && ip.parse::<IpAddr>().is_err() {
+                return Err(format!("--limit-exempt takes IPs or none (got {ip:?})"));
+            }
+        }
+        for o in &self.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                return Err(format!(
+                    "--allowed-origins entries look like https://host[:port] (got {o:?})"
+                ));
+            }
+        }
         if let Some(url) = &self.redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
@@ -180,5 +275,20 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().contains("--redis-url"));
+        let c = Config {
+            allowed_origins: vec!["shop.example".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--allowed-origins"));
+        let c = Config {
+            limit_exempt: vec!["localhost".into()],
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--limit-exempt"));
+        let c = Config {
+            max_conns_per_ip: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--max-conns-per-ip"));
     }
 }

@@ -14,6 +14,16 @@ pub struct AppError {
     pub message: String,
     /// Seconds to wait before retrying, for `rate_limited`.
     pub retry_after: Option<u64>,
+    /// The limit that refused, rendered as `RateLimit-Policy`/`RateLimit` headers.
+    pub policy: Option<RatePolicy>,
+}
+
+/// A named quota (`q` units per `w` seconds), as the IETF RateLimit headers describe it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RatePolicy {
+    pub name: &'static str,
+    pub quota: u32,
+    pub window_secs: u64,
 }
 
 impl std::fmt::Display for AppError {
@@ -34,6 +44,7 @@ impl AppError {
             code,
             message: message.into(),
             retry_after: None,
+            policy: None,
         }
     }
 
@@ -84,6 +95,22 @@ impl AppError {
         }
     }
 
+    /// A refusal by a named limit: 429 with `Retry-After` and the RateLimit headers.
+    pub fn rate_limited_by(policy: RatePolicy, wait: std::time::Duration) -> Self {
+        let secs = wait.as_millis().div_ceil(1000) as u64;
+        Self {
+            policy: Some(policy),
+            message: format!(
+                "{} limit: at most {} per {} s; retry in {} s",
+                policy.name,
+                policy.quota,
+                policy.window_secs,
+                secs.max(1)
+            ),
+            ..Self::rate_limited(secs)
+        }
+    }
+
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -115,6 +142,15 @@ impl IntoResponse for AppError {
         if let Some(secs) = self.retry_after {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            if let Some(p) = self.policy {
+                let policy = format!("\"{}\";q={};w={}", p.name, p.quota, p.window_secs);
+                let now = format!("\"{}\";r=0;t={secs}", p.name);
+                for (name, value) in [("ratelimit-policy", policy), ("ratelimit", now)] {
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        res.headers_mut().insert(name, v);
+                    }
+                }
+            }
         }
         res
     }

@@ -10,7 +10,9 @@ pub mod commerce;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod limits;
 pub mod model;
+pub mod moderation;
 pub mod protocol;
 pub mod state;
 pub mod store;
@@ -21,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -67,6 +70,12 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
             config.idempotency_ttl_secs,
         )),
         auth: Arc::new(Authenticator::new(secret.as_bytes())),
+        limits: Arc::new(limits::Limits::new(&config)),
+        moderation: Arc::new(moderation::Moderation::new(
+            store.clone(),
+            bus.clone(),
+            config.block_links,
+        )),
         config: Arc::new(config),
         store,
         bus,
@@ -130,6 +139,21 @@ pub async fn serve_state(
         Duration::from_millis(state.config.sweep_ms),
         state.shutdown.clone(),
     ));
+    // Idle rate-limit keys and slow-mode stamps are forgotten on a timer: bounded memory.
+    let (limits, moderation) = (state.limits.clone(), state.moderation.clone());
+    let mut sweep = tokio::time::interval(Duration::from_secs(state.config.limit_sweep_secs));
+    let stop_sweep = state.shutdown.clone();
+    background.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => {
+                    limits.forget_idle();
+                    moderation.forget_idle();
+                }
+                _ = stop_sweep.cancelled() => return,
+            }
+        }
+    });
     background.close();
 
     let token = state.shutdown.clone();
@@ -146,6 +170,14 @@ pub async fn serve_state(
     }
     let app = api::router(state.clone());
     let stop = state.shutdown.clone();
+    // Small frames (claim results, chat) must leave at once: without TCP_NODELAY, Nagle's
+    // algorithm holds a write while an earlier one is unacknowledged, and with the peer's
+    // delayed ACKs that costs up to ~40 ms per pipelined answer.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

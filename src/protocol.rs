@@ -176,6 +176,11 @@ pub enum ServerMessage {
         qty: u64,
     },
     ClaimResult(CommandResult),
+    /// A host deleted a chat message: clients remove it.
+    ChatDeleted {
+        id: String,
+    },
+
     /// Outcome of `open_group` / `join_group`, with the group in `group`.
     GroupResult(CommandResult),
     /// A group's members/size changed; conflated per group.

@@ -13,6 +13,8 @@ use crate::chat::{ChatService, LikeService};
 use crate::commerce::Commerce;
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::limits::Limits;
+use crate::moderation::Moderation;
 use crate::store::Store;
 
 /// Cheap to clone: every field is shared.
@@ -26,6 +28,10 @@ pub struct AppState {
     pub chat: Arc<ChatService>,
     pub likes: Arc<LikeService>,
     pub commerce: Arc<Commerce>,
+    /// Rate limits and connection caps.
+    pub limits: Arc<Limits>,
+    /// Room rules, bans, mutes and the moderation log.
+    pub moderation: Arc<Moderation>,
     /// Cancelled once on SIGTERM/Ctrl-C (or by a test): sessions close with 1001.
     pub shutdown: CancellationToken,
     /// Live WebSocket sessions, awaited (with a deadline) during shutdown.

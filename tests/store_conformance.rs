@@ -630,6 +630,64 @@ async fn concurrent_same_key(s: S) {
     assert_eq!(ledger_ops(&s.ledger("d1").await.unwrap(), "claim"), 1);
 }
 
+/// 100 users each send the same key three times at once on stock 60 (limit 1): on redis
+/// these land in shared claim batches, where a key's replay and the claims around it must
+/// still answer exactly as if each ran alone. 60 users get one unit, each user's three
+/// answers are identical, and every claim is in its user's claim index.
+async fn concurrent_mixed_batch(s: S) {
+    const USERS: usize = 100;
+    const STOCK: u64 = 60;
+    s.create_drop(&drop_("d1", STOCK, 1)).await.unwrap();
+    let tasks: Vec<_> = (0..USERS * 3)
+        .map(|i| {
+            let s = s.clone();
+            let u = format!("u{}", i % USERS);
+            tokio::spawn(async move { (u.clone(), s.claim(&req("d1", &u, "k", 1, T0)).await) })
+        })
+        .collect();
+    let mut answers: std::collections::HashMap<String, Vec<AppResult<Reservation>>> =
+        Default::default();
+    for t in tasks {
+        let (u, r) = t.await.unwrap();
+        answers.entry(u).or_default().push(r);
+    }
+    let mut winners = 0;
+    for (u, rs) in &answers {
+        assert_eq!(rs.len(), 3);
+        match &rs[0] {
+            Ok(first) => {
+                winners += 1;
+                assert_eq!(
+                    rs.iter()
+                        .filter(|r| matches!(r, Ok(r) if !r.replay))
+                        .count(),
+                    1
+                );
+                for r in rs {
+                    assert_eq!(r.as_ref().unwrap().claim, first.claim, "user {u}");
+                }
+                let listed = s.user_claims(u).await.unwrap();
+                assert_eq!(listed.len(), 1, "user {u}");
+                assert_eq!(listed[0].claim_id, first.claim.claim_id);
+            }
+            Err(e) => {
+                assert_eq!(e.code, "sold_out");
+                assert!(
+                    rs.iter()
+                        .all(|r| matches!(r, Err(e) if e.code == "sold_out"))
+                );
+            }
+        }
+    }
+    assert_eq!(winners, STOCK as usize);
+    let st = s.get_drop("d1").await.unwrap().unwrap();
+    assert_eq!((st.levels.remaining, st.levels.reserved), (0, STOCK));
+    assert_eq!(
+        ledger_ops(&s.ledger("d1").await.unwrap(), "claim"),
+        STOCK as usize
+    );
+}
+
 /// Three sweepers at once after the holds (1 s) passed: every unit back exactly once.
 async fn concurrent_sweepers(s: S) {
     const N: usize = 300; // more than one SWEEP_BATCH
@@ -1103,6 +1161,7 @@ conformance!(
     concurrent_claims,
     concurrent_limit,
     concurrent_same_key,
+    concurrent_mixed_batch,
     concurrent_sweepers,
     groups_open_join_complete,
     groups_refusals,

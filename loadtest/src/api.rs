@@ -36,9 +36,24 @@ struct Ledger {
 
 /// What the run's drop looks like.
 pub struct DropSpec {
+    /// The drop's id, chosen by the run (so clients can know it before the drop exists);
+    /// `None` lets the server pick.
+    pub id: Option<String>,
     pub stock: u64,
     pub per_user_limit: u64,
     pub hold_secs: u64,
+    /// `Some` makes a group-buy drop (`kind: group`), `None` a flash drop.
+    pub group: Option<GroupSpec>,
+}
+
+/// The group-buy fields of a `kind: group` drop.
+pub struct GroupSpec {
+    /// Members a group needs to complete (`group_size`).
+    pub size: u64,
+    /// Price per unit in a completed group, in minor units (`group_price`).
+    pub price: u64,
+    /// Seconds a group has to fill before it fails (`group_window_secs`).
+    pub window_secs: u64,
 }
 
 /// Host calls, with one keep-alive connection.
@@ -89,13 +104,22 @@ impl HostApi {
         }
     }
 
-    /// Creates a flash drop in the room and returns its id.
+    /// Creates a drop (flash, or group with `spec.group`) in the room and returns its id.
     pub async fn create_drop(&mut self, room: &str, spec: &DropSpec) -> anyhow::Result<String> {
-        let body = json!({
+        let mut body = json!({
             "sku": "LOADTEST", "title": "loadtest drop", "price": 100, "currency": "USD",
             "stock": spec.stock, "per_user_limit": spec.per_user_limit,
             "hold_secs": spec.hold_secs, "kind": "flash",
         });
+        if let Some(id) = &spec.id {
+            body["id"] = json!(id);
+        }
+        if let Some(g) = &spec.group {
+            body["kind"] = json!("group");
+            body["group_size"] = json!(g.size);
+            body["group_price"] = json!(g.price);
+            body["group_window_secs"] = json!(g.window_secs);
+        }
         let path = format!("/api/rooms/{room}/drops");
         let a = self.call(Method::POST, &path, Some(body)).await?;
         if a.status != 201 {

@@ -33,11 +33,11 @@ pub struct Verdict {
     pub violations: Vec<String>,
 }
 
-/// Compares what the clients saw with the drop's counters and ledger.
-pub fn check(seen: &Seen<'_>, levels: Levels, ledger: &[LedgerEntry]) -> Verdict {
+/// Conservation (`remaining + reserved + sold == total`) and no oversell, from the counters
+/// alone: the part of the check every drop kind shares.
+pub fn check_levels(levels: &Levels) -> Vec<String> {
     let mut v = Vec::new();
     let held = levels.reserved + levels.sold;
-
     if levels.remaining + levels.reserved + levels.sold != levels.total {
         v.push(format!(
             "conservation: remaining {} + reserved {} + sold {} != total {}",
@@ -50,6 +50,13 @@ pub fn check(seen: &Seen<'_>, levels: Levels, ledger: &[LedgerEntry]) -> Verdict
             levels.total
         ));
     }
+    v
+}
+
+/// Compares what the clients saw with the drop's counters and ledger.
+pub fn check(seen: &Seen<'_>, levels: Levels, ledger: &[LedgerEntry]) -> Verdict {
+    let mut v = check_levels(&levels);
+    let held = levels.reserved + levels.sold;
     if seen.unknown == 0 && seen.successes != held {
         v.push(format!(
             "successes {} != reserved + sold {held}",
@@ -142,6 +149,28 @@ pub fn check(seen: &Seen<'_>, levels: Levels, ledger: &[LedgerEntry]) -> Verdict
         levels,
         ledger_claims,
         violations: v,
+    }
+}
+
+/// Prints the verdict for people: the drop's counters and every violation.
+pub fn print(v: &Verdict) {
+    let l = v.levels;
+    println!(
+        "  drop: total {} remaining {} reserved {} sold {}; ledger claims {}",
+        l.total, l.remaining, l.reserved, l.sold, v.ledger_claims
+    );
+    print_violations(&v.violations);
+}
+
+/// Prints the check's outcome: passed, or every violation.
+pub fn print_violations(violations: &[String]) {
+    if violations.is_empty() {
+        println!("  INVARIANT CHECK: passed");
+    } else {
+        println!("  INVARIANT CHECK: FAILED");
+        for x in violations {
+            println!("    - {x}");
+        }
     }
 }
 

@@ -3,13 +3,17 @@
 //! itself. Exit status: 0 when the run passed, 1 on an error, 2 when an invariant broke.
 
 mod api;
+mod audience;
 mod cli;
+mod html;
 mod http;
 mod invariant;
 mod progress;
 mod report;
 mod rss;
 mod scenarios;
+mod series;
+mod tally;
 mod tokens;
 mod ws;
 
@@ -17,9 +21,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Scenario};
+use serde::Serialize;
+
+use crate::cli::{Cli, Common, Scenario};
+use crate::html::write_report;
 use crate::report::write_json;
-use crate::scenarios::{claims, viewers};
+use crate::scenarios::{Outcome, claims, groups, sale, viewers};
+use crate::series::Series;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -47,22 +55,49 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.scenario {
         Scenario::Claims(args) => {
-            let json = args.common.json.clone();
-            let summary = claims::run(args).await?;
-            claims::print(&summary);
-            if let Some(path) = json {
-                write_json(&path, &summary)?;
-            }
-            Ok(summary.passed)
+            let common = args.common.clone();
+            finish(&common, claims::run(args).await?)
         }
         Scenario::Viewers(args) => {
-            let json = args.common.json.clone();
-            let summary = viewers::run(args).await?;
-            viewers::print(&summary);
-            if let Some(path) = json {
-                write_json(&path, &summary)?;
-            }
-            Ok(true)
+            let common = args.common.clone();
+            finish(&common, viewers::run(args).await?)
+        }
+        Scenario::Sale(args) => {
+            let common = args.common.clone();
+            finish(&common, sale::run(args).await?)
+        }
+        Scenario::Groups(args) => {
+            let common = args.common.clone();
+            finish(&common, groups::run(args).await?)
         }
     }
+}
+
+/// Prints a summary, writes `--json` and `--report`, and says whether the run passed.
+fn finish<T: Outcome>(common: &Common, s: T) -> anyhow::Result<bool> {
+    s.print();
+    write_outputs(
+        common,
+        &format!("livedrop-loadtest {}", s.name()),
+        &s,
+        s.series(),
+    )?;
+    Ok(s.passed())
+}
+
+/// `--json` and `--report`, when asked for.
+fn write_outputs<T: Serialize>(
+    common: &Common,
+    title: &str,
+    summary: &T,
+    series: &[Series],
+) -> anyhow::Result<()> {
+    if let Some(path) = &common.json {
+        write_json(path, summary)?;
+    }
+    if let Some(path) = &common.report {
+        write_report(path, title, summary, series)?;
+        println!("  report: {}", path.display());
+    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
-//! WebSocket client side: connect to a room (optionally from a chosen loopback source
-//! address, so many sockets do not exhaust one address's ephemeral ports), wait for the
-//! `welcome` frame, and small buffers so thousands of client sockets stay cheap.
+//! WebSocket client side: connect to a livedrop room (optionally from a chosen loopback
+//! source address, so many sockets do not exhaust one address's ephemeral ports) and wait for
+//! the `welcome` frame, or connect to a plain broadcast peer (`/`, no token, no welcome); small
+//! buffers so thousands of client sockets stay cheap.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -29,25 +30,8 @@ pub async fn connect(
     token: &str,
     source: Option<IpAddr>,
 ) -> anyhow::Result<Socket> {
-    let stream = match source {
-        Some(ip) => {
-            let socket = if ip.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
-            };
-            socket
-                .bind(SocketAddr::new(ip, 0))
-                .with_context(|| format!("bind {ip}"))?;
-            socket.connect(target.addr).await.context("connect")?
-        }
-        None => TcpStream::connect(target.addr).await.context("connect")?,
-    };
-    stream.set_nodelay(true)?;
-    let url = target.ws_url(&format!("/ws/rooms/{room}?token={token}"));
-    let (mut ws, _) = client_async_with_config(url, stream, Some(config()))
-        .await
-        .context("websocket handshake")?;
+    let path = format!("/ws/rooms/{room}?token={token}");
+    let mut ws = open(target, &path, source).await?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
@@ -65,4 +49,37 @@ pub async fn connect(
             None => bail!("closed before welcome"),
         }
     }
+}
+
+/// Opens `ws://TARGET/` on a plain broadcast peer: no token, no welcome frame.
+pub async fn connect_plain(target: &Target, source: Option<IpAddr>) -> anyhow::Result<Socket> {
+    open(target, "/", source).await
+}
+
+/// TCP connect (from `source` when given) and the WebSocket handshake on `path_and_query`.
+async fn open(
+    target: &Target,
+    path_and_query: &str,
+    source: Option<IpAddr>,
+) -> anyhow::Result<Socket> {
+    let stream = match source {
+        Some(ip) => {
+            let socket = if ip.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .with_context(|| format!("bind {ip}"))?;
+            socket.connect(target.addr).await.context("connect")?
+        }
+        None => TcpStream::connect(target.addr).await.context("connect")?,
+    };
+    stream.set_nodelay(true)?;
+    let url = target.ws_url(path_and_query);
+    let (ws, _) = client_async_with_config(url, stream, Some(config()))
+        .await
+        .context("websocket handshake")?;
+    Ok(ws)
 }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::rooms::find_room;
-use super::{Authed, JsonBody};
+use super::{Authed, Client, JsonBody};
 use crate::auth::Role;
 use crate::commerce::{NewDrop, claim_json, drop_json};
 use crate::error::{AppError, AppResult};
@@ -73,11 +73,12 @@ pub struct ClaimBody {
 pub async fn claim(
     State(state): State<AppState>,
     Authed(who): Authed,
+    Client(addr): Client,
     Path(drop): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<ClaimBody>,
 ) -> AppResult<impl IntoResponse> {
-    who.require(Role::Viewer)?;
+    crate::moderation::admit_claim(&state, &who, addr, &drop).await?;
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())

@@ -2,11 +2,13 @@
 //! identity from the bearer token, and JSON bodies whose rejections become `bad_json`.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use crate::auth::Identity;
 use crate::error::AppError;
+use crate::limits::ClientAddr;
 use crate::state::AppState;
 
 /// The authenticated caller (`Authorization: Bearer …`).
@@ -29,6 +31,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(AppError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    rejection.body_text(),
+                ))
+            }
             Err(rejection) => Err(AppError::bad_request("bad_json", rejection.body_text())),
         }
     }
@@ -37,4 +46,24 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 /// The `Idempotency-Key` header, if sent (claims and joins require it, opens may use it).
 pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers.get("idempotency-key").and_then(|v| v.to_str().ok())
+}
+
+/// Where the request came from, as resolved by the `limits::http_limit` middleware.
+pub struct Client(pub ClientAddr);
+
+impl FromRequestParts<AppState> for Client {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, AppError> {
+        Ok(Client(
+            parts
+                .extensions
+                .get::<ClientAddr>()
+                .copied()
+                .unwrap_or(ClientAddr {
+                    ip: std::net::IpAddr::from([0, 0, 0, 0]),
+                    exempt: false,
+                }),
+        ))
+    }
 }

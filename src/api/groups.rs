@@ -1,5 +1,5 @@
-//! Group-buy endpoints: viewers open and join groups (201 with the group), anyone reads a
-//! group or a drop's open groups. Refusals are the store's 409s (`group_full`,
+//! Group-buy endpoints: viewers open and join groups (201 with the group; admitted like
+//! claims: role, rate limits, bans), anyone reads a group or a drop's open groups. Refusals are the store's 409s (`group_full`,
 //! `group_closed`, `already_member`, `sold_out`, …) rendered as problem+json.
 
 use axum::Json;
@@ -8,11 +8,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::json;
 
-use super::Authed;
 use super::extract::idempotency_key;
-use crate::auth::Role;
+use super::{Authed, Client};
 use crate::commerce::groups::group_json;
 use crate::error::{AppError, AppResult};
+use crate::moderation::{admit_claim, admit_join};
 use crate::state::AppState;
 
 /// `POST /api/drops/{drop}/groups`: the caller opens a group and is its leader. The
@@ -21,10 +21,11 @@ use crate::state::AppState;
 pub async fn open(
     State(state): State<AppState>,
     Authed(who): Authed,
+    Client(addr): Client,
     Path(drop): Path<String>,
     headers: HeaderMap,
 ) -> AppResult<impl IntoResponse> {
-    who.require(Role::Viewer)?;
+    admit_claim(&state, &who, addr, &drop).await?;
     let key = idempotency_key(&headers);
     let ans = state.commerce.open_group(&who.user, &drop, key).await?;
     Ok((StatusCode::CREATED, Json(group_json(&ans.group))))
@@ -34,10 +35,11 @@ pub async fn open(
 pub async fn join(
     State(state): State<AppState>,
     Authed(who): Authed,
+    Client(addr): Client,
     Path(group): Path<String>,
     headers: HeaderMap,
 ) -> AppResult<impl IntoResponse> {
-    who.require(Role::Viewer)?;
+    admit_join(&state, &who, addr, &group).await?;
     let key = idempotency_key(&headers).ok_or_else(|| {
         AppError::bad_request(
             "missing_idempotency_key",

@@ -5,6 +5,7 @@
 mod commerce;
 mod extract;
 mod groups;
+mod moderation;
 mod rooms;
 mod ws;
 
@@ -12,14 +13,14 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 
 use crate::error::AppError;
 use crate::state::AppState;
 
-pub use extract::{Authed, JsonBody};
+pub use extract::{Authed, Client, JsonBody};
 
-/// Largest HTTP request body.
+/// Largest HTTP request body; larger is 413 `body_too_large`.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// All routes of the server.
@@ -43,9 +44,23 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/groups/{group}", get(groups::show))
         .route("/api/groups/{group}/join", post(groups::join))
+        .route("/api/rooms/{room}/stats", get(moderation::stats))
+        .route("/api/rooms/{room}/moderation", get(moderation::report))
+        .route("/api/rooms/{room}/rules", put(moderation::set_rules))
+        .route("/api/rooms/{room}/mutes", post(moderation::mute))
+        .route("/api/rooms/{room}/bans", post(moderation::ban))
+        .route("/api/rooms/{room}/bans/{user}", delete(moderation::unban))
+        .route(
+            "/api/rooms/{room}/chat/{id}",
+            delete(moderation::delete_message),
+        )
         .route("/ws/rooms/{room}", get(ws::upgrade))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::limits::http_limit,
+        ))
         .with_state(state)
 }
 

@@ -17,6 +17,9 @@ pub enum EventKind {
     /// Latest value wins: the hub sends at most one frame per key per conflation tick
     /// (`likes`, `presence`, `stock:DROP`).
     State { key: String },
+    /// Closes the sockets of one user in the room (a ban, close 4003) after sending them
+    /// `text`; other viewers skip it.
+    Kick { user: String },
 }
 
 /// One room event, already serialized: every viewer gets these same bytes.

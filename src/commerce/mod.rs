@@ -280,7 +280,8 @@ impl Commerce {
             .ok_or_else(|| AppError::not_found("drop"))
     }
 
-    async fn room_of(&self, drop: &str) -> AppResult<String> {
+    /// The room a drop belongs to (cached: a drop never moves).
+    pub async fn room_of(&self, drop: &str) -> AppResult<String> {
         if let Some(r) = self.rooms.get(drop) {
             return Ok(r.clone());
         }

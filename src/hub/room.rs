@@ -62,7 +62,7 @@ impl RoomChannel {
     /// Sends discrete events now; parks state events for the next tick.
     pub fn deliver(&self, event: Event) {
         match &event.kind {
-            EventKind::Discrete { .. } => {
+            EventKind::Discrete { .. } | EventKind::Kick { .. } => {
                 let _ = self.tx.send(event);
             }
             EventKind::State { key } => {

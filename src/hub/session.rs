@@ -16,7 +16,9 @@ use crate::bus::{Event, EventKind};
 use crate::commerce::groups::group_json;
 use crate::commerce::{claim_json, drop_json, is_live};
 use crate::error::{AppError, AppResult};
+use crate::limits::ClientAddr;
 use crate::model::{Room, User, now_millis};
+use crate::moderation::{admit_claim, admit_join};
 use crate::protocol::{ClientMessage, CommandResult, MAX_LIKES_PER_FRAME, ServerMessage, Snapshot};
 use crate::state::AppState;
 use crate::store::GroupAnswer;
@@ -38,6 +40,10 @@ pub mod close {
     pub const IDLE: u16 = 4000;
     /// The client kept falling behind the room and was resynced too often.
     pub const LAGGING: u16 = 4008;
+    /// The token expired while the socket was open: reconnect with a fresh one.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// The user was banned from the room.
+    pub const BANNED: u16 = 4003;
 }
 
 /// Builds what a viewer sees on joining (or on resync): room, counts, chat and live drops.
@@ -62,6 +68,7 @@ pub async fn snapshot(
         None => (store.recent_chat(&room.id, WELCOME_CHAT).await?, None),
     };
     let seq = chat.last().map(|m| m.seq).unwrap_or(seq_before);
+    let chat = state.moderation.visible(&room.id, chat).await?;
     let now = now_millis();
     let mut live = store.room_drops(&room.id).await?;
     live.retain(|d| is_live(d, now));
@@ -98,6 +105,7 @@ pub async fn run(
     room: Room,
     identity: Identity,
     since: Option<u64>,
+    addr: ClientAddr,
 ) {
     let (channel, _guard) = state.hub.join(&room.id);
     let rx = channel.subscribe();
@@ -138,6 +146,7 @@ pub async fn run(
         state,
         room,
         identity,
+        addr,
         direct: direct_tx,
     }
     .run(stream);
@@ -165,7 +174,11 @@ type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 
 impl Writer {
     fn wanted(&self, ev: &Event) -> bool {
-        !matches!(ev.kind, EventKind::Discrete { seq } if seq != 0 && seq <= self.last_seq)
+        match &ev.kind {
+            EventKind::Discrete { seq } => *seq == 0 || *seq > self.last_seq,
+            EventKind::State { .. } => true,
+            EventKind::Kick { user } => *user == self.you.id,
+        }
     }
 
     fn note(&mut self, ev: &Event) {
@@ -254,6 +267,13 @@ impl Writer {
                 Err(_) => break,
             }
         }
+        // A kick ends the batch: the viewer gets its error frame, then the close.
+        let kicked = batch
+            .iter()
+            .position(|ev| matches!(ev.kind, EventKind::Kick { .. }));
+        if let Some(i) = kicked {
+            batch.truncate(i + 1);
+        }
         if !batch.is_empty() {
             let write = async {
                 for ev in batch {
@@ -267,6 +287,12 @@ impl Writer {
             ) {
                 return false;
             }
+        }
+        if kicked.is_some() {
+            let _ = self
+                .send(sink, close_msg(close::BANNED, "banned from this room"))
+                .await;
+            return false;
         }
         if lagged {
             return self.resync(sink).await;
@@ -305,6 +331,7 @@ struct Reader {
     state: AppState,
     room: Room,
     identity: Identity,
+    addr: ClientAddr,
     direct: mpsc::Sender<Message>,
 }
 
@@ -381,30 +408,61 @@ impl Reader {
         };
         let user = &self.identity.user;
         let state = &self.state;
+        // Authorization is checked on every command, not only at connect.
+        if !matches!(msg, ClientMessage::Ping)
+            && let Err(e) = self.identity.check_live()
+        {
+            let _ = self.reply(ServerMessage::error(&e)).await;
+            self.close(close::TOKEN_EXPIRED, "token expired").await;
+            return false;
+        }
         match msg {
             ClientMessage::Ping => self.reply(ServerMessage::Pong).await,
             ClientMessage::Chat { text } => {
-                if let Err(e) = self.identity.require(Role::Viewer) {
-                    return self.reply(ServerMessage::error(&e)).await;
-                }
-                match state.chat.post(&self.room.id, user, &text).await {
+                let posted = async {
+                    self.identity.require(Role::Viewer)?;
+                    if !self.addr.exempt {
+                        let key = (self.room.id.clone(), user.id.clone());
+                        state.limits.chat.check(&key)?;
+                    }
+                    state
+                        .moderation
+                        .check_chat(&self.room.id, &user.id, &text)
+                        .await?;
+                    state.chat.post(&self.room.id, user, &text).await
+                };
+                match posted.await {
                     Ok(_) => true,
                     Err(e) => self.reply(ServerMessage::error(&e)).await,
                 }
             }
             ClientMessage::Like { count } => {
-                if count == 0 || count > MAX_LIKES_PER_FRAME {
-                    let e = AppError::bad_request(
-                        "bad_message",
-                        format!("like count must be 1..={MAX_LIKES_PER_FRAME}"),
-                    );
-                    return self.reply(ServerMessage::error(&e)).await;
+                let liked = async {
+                    self.identity.require(Role::Viewer)?;
+                    if count == 0 || count > MAX_LIKES_PER_FRAME {
+                        return Err(AppError::bad_request(
+                            "bad_message",
+                            format!("like count must be 1..={MAX_LIKES_PER_FRAME}"),
+                        ));
+                    }
+                    if !self.addr.exempt {
+                        state.limits.likes.check(&user.id)?;
+                    }
+                    state
+                        .moderation
+                        .check_not_banned(&self.room.id, &user.id)
+                        .await
+                };
+                match liked.await {
+                    Ok(()) => {
+                        state.likes.add(&self.room.id, count as u64);
+                        true
+                    }
+                    Err(e) => self.reply(ServerMessage::error(&e)).await,
                 }
-                state.likes.add(&self.room.id, count as u64);
-                true
             }
             ClientMessage::Claim { drop, qty, key } => {
-                let result = match self.identity.require(Role::Viewer) {
+                let result = match admit_claim(state, &self.identity, self.addr, &drop).await {
                     Ok(()) => state.commerce.claim(user, &drop, &qty, &key).await,
                     Err(e) => Err(e),
                 };
@@ -412,24 +470,30 @@ impl Reader {
                     .await
             }
             ClientMessage::Confirm { claim } => {
-                let result = state.commerce.confirm(user, &claim).await;
+                let result = match self.identity.require(Role::Viewer) {
+                    Ok(()) => state.commerce.confirm(user, &claim).await,
+                    Err(e) => Err(e),
+                };
                 self.reply(command_result(claim, result.map(|t| claim_json(&t.claim))))
                     .await
             }
             ClientMessage::Release { claim } => {
-                let result = state.commerce.release(user, &claim).await;
+                let result = match self.identity.require(Role::Viewer) {
+                    Ok(()) => state.commerce.release(user, &claim).await,
+                    Err(e) => Err(e),
+                };
                 self.reply(command_result(claim, result.map(|t| claim_json(&t.claim))))
                     .await
             }
             ClientMessage::OpenGroup { drop, key } => {
-                let result = match self.identity.require(Role::Viewer) {
+                let result = match admit_claim(state, &self.identity, self.addr, &drop).await {
                     Ok(()) => state.commerce.open_group(user, &drop, Some(&key)).await,
                     Err(e) => Err(e),
                 };
                 self.reply(group_result(key, result)).await
             }
             ClientMessage::JoinGroup { group, key } => {
-                let result = match self.identity.require(Role::Viewer) {
+                let result = match admit_join(state, &self.identity, self.addr, &group).await {
                     Ok(()) => state.commerce.join_group(user, &group, &key).await,
                     Err(e) => Err(e),
                 };

@@ -222,6 +222,8 @@ pub struct MemoryStore {
     drops: DashMap<String, Mutex<DropData>>,
     room_drops: DashMap<String, Vec<String>>,
     user_claims: DashMap<String, Vec<String>>,
+    /// Moderation record and log per room.
+    moderation: DashMap<String, (HashMap<String, String>, VecDeque<String>)>,
 }
 
 impl MemoryStore {
@@ -651,6 +653,38 @@ impl Store for MemoryStore {
 
     async fn holders(&self, drop: &str) -> AppResult<Vec<String>> {
         self.with_drop(drop, |d| d.per_user.keys().cloned().collect())
+    }
+
+    async fn moderation(&self, room: &str) -> AppResult<HashMap<String, String>> {
+        Ok(self
+            .moderation
+            .get(room)
+            .map(|m| m.0.clone())
+            .unwrap_or_default())
+    }
+
+    async fn set_moderation(&self, room: &str, field: &str, value: Option<&str>) -> AppResult<()> {
+        let mut m = self.moderation.entry(room.to_string()).or_default();
+        match value {
+            Some(v) => m.0.insert(field.to_string(), v.to_string()),
+            None => m.0.remove(field),
+        };
+        Ok(())
+    }
+
+    async fn append_mod_log(&self, room: &str, entry: &str, keep: usize) -> AppResult<()> {
+        let mut m = self.moderation.entry(room.to_string()).or_default();
+        m.1.push_front(entry.to_string());
+        m.1.truncate(keep);
+        Ok(())
+    }
+
+    async fn mod_log(&self, room: &str, n: usize) -> AppResult<Vec<String>> {
+        Ok(self
+            .moderation
+            .get(room)
+            .map(|m| m.1.iter().take(n).cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn open_group(&self, req: &GroupRequest) -> AppResult<GroupAnswer> {

@@ -9,6 +9,8 @@
 pub mod memory;
 pub mod redis;
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 
 use crate::error::AppResult;
@@ -155,6 +157,17 @@ pub trait Store: Send + Sync + 'static {
     /// Users holding units (reserved or sold) of a drop: once a drop is sold out with
     /// nothing reserved, only these can have a retry that deserves more than `sold_out`.
     async fn holders(&self, drop: &str) -> AppResult<Vec<String>>;
+
+    // ---- moderation (typed by `crate::moderation`; shared by every instance) ----
+
+    /// A room's moderation record as field → value (`ban:USER`, `mute:USER`, `rules`, …).
+    async fn moderation(&self, room: &str) -> AppResult<HashMap<String, String>>;
+    /// Sets (`Some`) or removes (`None`) one field of a room's moderation record.
+    async fn set_moderation(&self, room: &str, field: &str, value: Option<&str>) -> AppResult<()>;
+    /// Appends to a room's moderation log, keeping the newest `keep` entries.
+    async fn append_mod_log(&self, room: &str, entry: &str, keep: usize) -> AppResult<()>;
+    /// The newest `n` entries of a room's moderation log, newest first.
+    async fn mod_log(&self, room: &str, n: usize) -> AppResult<Vec<String>>;
 
     // ---- group buys ----
 

@@ -26,8 +26,10 @@
 //!   `expires_at|group id` (the `:` keeps them apart from claim keys, which have none)
 //! - `ld:{room:ID}:meta`   hash: `room` (JSON record), `seq`, `likes`
 //! - `ld:{room:ID}:chat`   stream, entry id `SEQ-0`, capped at exactly `history` entries
+//! - `ld:{room:ID}:mod`    hash: moderation record (`ban:USER`, `mute:USER`, `rules`, `del:MSG`)
+//! - `ld:{room:ID}:modlog` list: moderation log, newest first, capped
 //! - `ld:{room:ID}:drops`  list of the room's drop ids (cross-slot index)
-//! - `ld:{user:ID}:claims` list of a user's claim ids (cross-slot index)
+//! - `ld:{user:ID}:claims` zset of a user's claim ids by claim time (cross-slot index)
 //! - `ld:drops`            set of drop ids the sweeper visits (cross-slot index)
 //!
 //! The cross-slot indexes cannot be written by the drop's script (other slots), so they
@@ -38,9 +40,13 @@
 //! then); a failed index write is healed by the client's retry with the same key, since
 //! replays index the claim again (append-once).
 //!
+//! Claims on one drop are batched: concurrent claims ride one call of `claim.lua`, which runs
+//! each as if alone (see [`claim_batch`]).
+//!
 //! Time is always passed in by the caller (never read inside Lua), and numbers travel as
 //! decimal strings so no counter ever becomes a float.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -48,6 +54,9 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Script, Value};
 
+mod claim_batch;
+
+use self::claim_batch::{ClaimBatcher, ClaimRunner};
 use super::{
     ClaimRequest, GroupAnswer, GroupRequest, GroupSweep, Reservation, SWEEP_BATCH, Store, Sweep,
     Transition, claim_drop, group_drop,
@@ -143,6 +152,8 @@ pub struct RedisStore {
     /// SCRIPT LOAD, EVALSHA).
     budget: Duration,
     scripts: Scripts,
+    /// Claims go through per-drop lanes that batch concurrent claims into one script call.
+    claims: ClaimBatcher,
 }
 
 /// Keys of one drop, all in the slot of `{drop:ID}`.
@@ -198,6 +209,14 @@ fn room_meta(room: &str) -> String {
 
 fn room_chat(room: &str) -> String {
     format!("ld:{{room:{room}}}:chat")
+}
+
+fn room_mod(room: &str) -> String {
+    format!("ld:{{room:{room}}}:mod")
+}
+
+fn room_mod_log(room: &str) -> String {
+    format!("ld:{{room:{room}}}:modlog")
 }
 
 fn room_drops_key(room: &str) -> String {
@@ -442,6 +461,35 @@ fn refusal(code: &str, detail: &str) -> AppError {
     }
 }
 
+/// Runs one redis call under `budget`, mapping every failure to `store_unavailable` (503).
+async fn guarded<T>(budget: Duration, fut: impl Future<Output = RedisResult<T>>) -> AppResult<T> {
+    match tokio::time::timeout(budget, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(AppError::store_unavailable(e)),
+        Err(_) => Err(AppError::store_unavailable("redis call timed out")),
+    }
+}
+
+/// Splits a script's answer: `{'ok', ...}` gives the rest, `{'err', code, detail}` the
+/// refusal.
+fn split_status(mut items: Vec<Value>) -> AppResult<Vec<Value>> {
+    if items.is_empty() {
+        return Err(bad_reply("empty script reply"));
+    }
+    match text(&items[0])?.as_str() {
+        "ok" => {
+            items.remove(0);
+            Ok(items)
+        }
+        "err" => {
+            let code = text(at(&items, 1)?)?;
+            let detail = text(at(&items, 2)?)?;
+            Err(refusal(&code, &detail))
+        }
+        _ => Err(bad_reply("script status")),
+    }
+}
+
 impl RedisStore {
     /// Connects to `url` with one shared, auto-reconnecting connection. `timeout` bounds
     /// connecting and every response, so a Redis that is down or slow makes calls fail fast
@@ -463,10 +511,17 @@ impl RedisStore {
                 Ok(Err(e)) => return Err(AppError::store_unavailable(e)),
                 Err(_) => return Err(AppError::store_unavailable("connect timed out")),
             };
+        let scripts = Scripts::new();
+        let claims = ClaimBatcher::new(ClaimRunner {
+            conn: conn.clone(),
+            script: scripts.claim.clone(),
+            budget,
+        });
         let store = RedisStore {
             conn,
             budget,
-            scripts: Scripts::new(),
+            scripts,
+            claims,
         };
         // Load the scripts up front so the first calls need no NOSCRIPT round trip.
         for script in store.scripts.all() {
@@ -481,11 +536,7 @@ impl RedisStore {
     /// Runs one redis call under the call budget, mapping every failure to
     /// `store_unavailable` (503).
     async fn guard<T>(&self, fut: impl Future<Output = RedisResult<T>>) -> AppResult<T> {
-        match tokio::time::timeout(self.budget, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(AppError::store_unavailable(e)),
-            Err(_) => Err(AppError::store_unavailable("redis call timed out")),
-        }
+        guarded(self.budget, fut).await
     }
 
     /// Runs a script and splits its reply: `{'ok', ...}` gives the rest, `{'err', code,
@@ -500,23 +551,7 @@ impl RedisStore {
         }
         let mut conn = self.conn.clone();
         let reply: Value = self.guard(inv.invoke_async(&mut conn)).await?;
-        let mut items = array(reply)?;
-        if items.is_empty() {
-            return Err(bad_reply("empty script reply"));
-        }
-        let status = text(&items[0])?;
-        match status.as_str() {
-            "ok" => {
-                items.remove(0);
-                Ok(items)
-            }
-            "err" => {
-                let code = text(at(&items, 1)?)?;
-                let detail = text(at(&items, 2)?)?;
-                Err(refusal(&code, &detail))
-            }
-            _ => Err(bad_reply("script status")),
-        }
+        split_status(array(reply)?)
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> AppResult<T> {
@@ -940,41 +975,7 @@ impl Store for RedisStore {
     }
 
     async fn claim(&self, req: &ClaimRequest) -> AppResult<Reservation> {
-        let k = DropKeys::new(&req.drop);
-        let idem = DropKeys::idem(&req.drop, &req.user.id, &req.key);
-        let ttl_ms = (req.key_ttl_secs as Millis).saturating_mul(1000);
-        let qty = req.qty.to_string();
-        let now = req.now.to_string();
-        let idem_expires = req.now.saturating_add(ttl_ms).to_string();
-        let ttl_ms = ttl_ms.max(1).to_string();
-        let items = self
-            .eval(
-                &self.scripts.claim,
-                &[&k.meta, &k.claims, &k.holds, &k.users, &idem, &k.ledger],
-                &[&req.drop, &req.user.id, &qty, &now, &idem_expires, &ttl_ms],
-            )
-            .await?;
-        let replay = text(at(&items, 0)?)? == "1";
-        let claim_id = text(at(&items, 1)?)?;
-        let reservation = Reservation {
-            claim: decode_claim(&claim_id, &text(at(&items, 2)?)?)?,
-            levels: levels_at(&items, 3)?,
-            replay,
-        };
-        // Cross-slot index (a sorted set by claim time, so re-adding is a no-op), written
-        // after the claim is safe. The claim stands even if this write fails, so a failure
-        // is logged rather than turned into a refusal; replays write it again, which heals
-        // an earlier failed write. Awaited, so `user_claims` reads its own writes.
-        let mut index = redis::cmd("ZADD");
-        index
-            .arg(user_claims_key(&req.user.id))
-            .arg("NX")
-            .arg(reservation.claim.created_at)
-            .arg(&claim_id);
-        if let Err(e) = self.query::<i64>(&index).await {
-            tracing::warn!(claim = %claim_id, error = %e, "user claim index not updated");
-        }
-        Ok(reservation)
+        self.claims.claim(req).await
     }
 
     async fn confirm(&self, claim_id: &str, user: &str, now: Millis) -> AppResult<Transition> {
@@ -1172,5 +1173,47 @@ impl Store for RedisStore {
             levels: levels_at(&items, 0)?,
             failed: groups_from(&items, 4)?,
         })
+    }
+
+    async fn moderation(&self, room: &str) -> AppResult<HashMap<String, String>> {
+        self.query(redis::cmd("HGETALL").arg(room_mod(room))).await
+    }
+
+    async fn set_moderation(&self, room: &str, field: &str, value: Option<&str>) -> AppResult<()> {
+        let mut cmd = match value {
+            Some(_) => redis::cmd("HSET"),
+            None => redis::cmd("HDEL"),
+        };
+        cmd.arg(room_mod(room)).arg(field);
+        if let Some(v) = value {
+            cmd.arg(v);
+        }
+        self.query::<i64>(&cmd).await.map(|_| ())
+    }
+
+    async fn append_mod_log(&self, room: &str, entry: &str, keep: usize) -> AppResult<()> {
+        let key = room_mod_log(room);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("LPUSH")
+            .arg(&key)
+            .arg(entry)
+            .ignore()
+            .cmd("LTRIM")
+            .arg(&key)
+            .arg(0)
+            .arg(keep.saturating_sub(1))
+            .ignore();
+        self.query_pipe(&pipe).await.map(|_| ())
+    }
+
+    async fn mod_log(&self, room: &str, n: usize) -> AppResult<Vec<String>> {
+        self.query(
+            redis::cmd("LRANGE")
+                .arg(room_mod_log(room))
+                .arg(0)
+                .arg(n.saturating_sub(1)),
+        )
+        .await
     }
 }

@@ -19,11 +19,17 @@ use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{DropSpec, HostApi};
+use crate::audience;
 use crate::cli::{ClaimsArgs, Endpoint, Transport};
 use crate::http::{HttpClient, Target, bearer};
 use crate::invariant::{self, Seen, Verdict};
 use crate::progress::Progress;
-use crate::report::{Counts, Latency, LatencySummary, bump, format_counts, merge_counts};
+use crate::report::{Counts, LatencySummary, bump, format_counts, merge_counts};
+use crate::series::Series;
+use crate::tally::{
+    CLAIM_BODY, ClaimResult, Outcome, Tally, claim_frame, http_claim_outcome, keyed_post,
+    short_error,
+};
 use crate::tokens::Minter;
 use crate::ws;
 
@@ -62,6 +68,9 @@ pub struct ClaimsSummary {
     pub latency: LatencySummary,
     pub invariant: Option<Verdict>,
     pub passed: bool,
+    /// Per-second answers and latency, for `--report`.
+    #[serde(skip)]
+    pub series: Vec<Series>,
 }
 
 /// What every worker shares: the schedule, the users, and the counters.
@@ -107,54 +116,13 @@ impl Plan {
     }
 }
 
-/// One worker's counts, merged at the end.
-#[derive(Default)]
-struct Tally {
-    sent: u64,
-    ok: u64,
-    codes: Counts,
-    errors: Counts,
-    unknown: u64,
-    latency: Latency,
-    claim_ids: Vec<String>,
-}
-
-impl Tally {
-    fn merge(&mut self, o: Tally) {
-        self.sent += o.sent;
-        self.ok += o.ok;
-        merge_counts(&mut self.codes, &o.codes);
-        merge_counts(&mut self.errors, &o.errors);
-        self.unknown += o.unknown;
-        self.latency.merge(&o.latency);
-        self.claim_ids.extend(o.claim_ids);
+/// Counts an answer in the worker's tally, and a success in the plan's per-user counts.
+fn counted(t: &mut Tally, plan: &Plan, user: usize, outcome: Outcome) {
+    if t.outcome(outcome)
+        && let Some(n) = plan.per_user.get(user)
+    {
+        n.fetch_add(1, Ordering::Relaxed);
     }
-
-    fn success(&mut self, plan: &Plan, user: usize, claim_id: Option<String>) {
-        self.ok += 1;
-        bump(&mut self.codes, "ok");
-        if let Some(id) = claim_id {
-            self.claim_ids.push(id);
-        }
-        if let Some(n) = plan.per_user.get(user) {
-            n.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct ClaimAnswer {
-    claim_id: String,
-}
-
-#[derive(Deserialize)]
-struct Problem {
-    code: String,
-}
-
-fn short_error(e: &anyhow::Error) -> String {
-    let s = e.to_string();
-    s.split(':').next().unwrap_or("error").trim().to_string()
 }
 
 /// Runs the scenario; `passed` is false when an invariant broke.
@@ -178,7 +146,7 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
         (None, None) => Some(Duration::from_secs(10)),
     };
     let minter = Minter::new(&args.common.jwt_secret)?;
-    let run_id = run_id();
+    let run_id = audience::run_id();
 
     // Set-up as the host: a room and a drop that outlives the run.
     let mut host = HostApi::new(target.clone(), &minter.mint("lt-host", "host")?)?;
@@ -188,9 +156,11 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
             host.ensure_room(&room).await?;
             let hold = duration.unwrap_or(MAX_RUN).as_secs() + 300;
             let spec = DropSpec {
+                id: None,
                 stock: args.stock,
                 per_user_limit: args.per_user_limit,
                 hold_secs: hold.min(86_400),
+                group: None,
             };
             let drop = host.create_drop(&room, &spec).await?;
             let path = format!("/api/drops/{drop}/claims");
@@ -265,7 +235,7 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
             }
         }
     }
-    let mut tally = Tally::default();
+    let mut tally = Tally::new("claim answers");
     for h in handles {
         match h.await {
             Ok(t) => tally.merge(t),
@@ -335,6 +305,7 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
         latency: tally.latency.summary(),
         invariant: verdict,
         passed,
+        series: vec![tally.series],
     })
 }
 
@@ -373,35 +344,15 @@ pub fn print(s: &ClaimsSummary) {
     );
     println!("  latency from {}: {}", s.latency_from, s.latency);
     if let Some(v) = &s.invariant {
-        let l = v.levels;
-        println!(
-            "  drop: total {} remaining {} reserved {} sold {}; ledger claims {}",
-            l.total, l.remaining, l.reserved, l.sold, v.ledger_claims
-        );
-        if v.violations.is_empty() {
-            println!("  INVARIANT CHECK: passed");
-        } else {
-            println!("  INVARIANT CHECK: FAILED");
-            for x in &v.violations {
-                println!("    - {x}");
-            }
-        }
+        invariant::print(v);
     }
-}
-
-fn run_id() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    format!("{:x}{:x}", ms % 0xffff_ffff, std::process::id() % 0xfff)
 }
 
 /// One keep-alive HTTP connection sending requests one after another.
 async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<HeaderValue>>) -> Tally {
-    let mut t = Tally::default();
+    let mut t = Tally::new("claim answers");
     let mut client = HttpClient::new(plan.target.clone());
-    let body = Bytes::from_static(b"{\"qty\":1}");
+    let body = Bytes::from_static(CLAIM_BODY);
     while let Some((i, intended)) = plan.next() {
         if let Some(at) = intended {
             tokio::time::sleep_until(at.into()).await;
@@ -409,18 +360,13 @@ async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<HeaderValue>>) -> Tally {
         let user = plan.user_of(i);
         let req = match plan.endpoint {
             Endpoint::Healthz => client.request(Method::GET, &plan.path, None, None),
-            Endpoint::Claim => client
-                .request(
-                    Method::POST,
-                    &plan.path,
-                    auths.get(user),
-                    Some(body.clone()),
-                )
-                .and_then(|mut r| {
-                    r.headers_mut()
-                        .insert("idempotency-key", HeaderValue::from_str(&plan.key(i))?);
-                    Ok(r)
-                }),
+            Endpoint::Claim => keyed_post(
+                &client,
+                &plan.path,
+                auths.get(user),
+                &plan.key(i),
+                body.clone(),
+            ),
         };
         let req = match req {
             Ok(r) => r,
@@ -435,34 +381,16 @@ async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<HeaderValue>>) -> Tally {
         plan.answered.fetch_add(1, Ordering::Relaxed);
         match answer {
             Ok(Ok(a)) => {
-                t.latency.record(from.elapsed());
+                t.answered(plan.start, from);
                 match (plan.endpoint, a.status) {
-                    (Endpoint::Healthz, 200) => {
-                        t.ok += 1;
-                        bump(&mut t.codes, "ok");
-                    }
-                    (Endpoint::Claim, 201) => {
-                        let id = serde_json::from_slice::<ClaimAnswer>(&a.body)
-                            .ok()
-                            .map(|c| c.claim_id);
-                        if id.is_none() {
-                            bump(&mut t.errors, "201 without claim_id");
-                        }
-                        t.success(&plan, user, id);
-                    }
-                    (_, status) => match serde_json::from_slice::<Problem>(&a.body) {
-                        Ok(p) => bump(&mut t.codes, &p.code),
-                        Err(_) => bump(&mut t.codes, &format!("http_{status}")),
-                    },
+                    (Endpoint::Healthz, 200) => t.ok(),
+                    (Endpoint::Healthz, status) => t.refused(&format!("http_{status}")),
+                    (Endpoint::Claim, _) => counted(&mut t, &plan, user, http_claim_outcome(&a)),
                 }
             }
-            Ok(Err(e)) => {
-                t.unknown += 1;
-                bump(&mut t.errors, &short_error(&e));
-            }
+            Ok(Err(e)) => t.lost(&short_error(&e)),
             Err(_) => {
-                t.unknown += 1;
-                bump(&mut t.errors, "timeout");
+                t.lost("timeout");
                 client = HttpClient::new(plan.target.clone());
             }
         }
@@ -516,16 +444,6 @@ async fn room_of_drop(target: &Target, drop: &str) -> anyhow::Result<String> {
     Ok(d.room)
 }
 
-#[derive(Deserialize)]
-struct ClaimResult {
-    #[serde(rename = "type")]
-    kind: String,
-    key: Option<String>,
-    ok: Option<bool>,
-    claim: Option<ClaimAnswer>,
-    code: Option<String>,
-}
-
 /// One socket: a writer sending claims while permits allow, a reader matching answers to
 /// requests by key.
 async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) -> Tally {
@@ -547,11 +465,7 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
             if let Some(at) = intended {
                 tokio::time::sleep_until(at.into()).await;
             }
-            let frame = format!(
-                "{{\"type\":\"claim\",\"drop\":\"{}\",\"qty\":1,\"key\":\"{}\"}}",
-                plan.drop,
-                plan.key(i)
-            );
+            let frame = claim_frame(&plan.drop, &plan.key(i));
             let from = intended.unwrap_or_else(Instant::now);
             if let Ok(mut m) = inflight.lock() {
                 m.insert(i, from);
@@ -567,7 +481,7 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
     };
 
     let reader = async {
-        let mut t = Tally::default();
+        let mut t = Tally::new("claim answers");
         let mut drain_until: Option<Instant> = None;
         loop {
             let pending = inflight.lock().map(|m| m.len()).unwrap_or(0);
@@ -600,15 +514,10 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
                 }
                 Ok(Some(Ok(_))) => continue,
             };
-            let text = frame.as_str();
-            if !text.starts_with("{\"type\":\"claim_result\"")
-                && !text.starts_with("{\"type\":\"error\"")
-            {
-                continue; // stock, purchase, sold_out, presence…: not ours to count
-            }
-            let r: ClaimResult = match serde_json::from_str(text) {
-                Ok(r) => r,
-                Err(_) => {
+            let r = match ClaimResult::parse(frame.as_str()) {
+                None => continue, // stock, purchase, sold_out, presence…: not ours to count
+                Some(Ok(r)) => r,
+                Some(Err(_)) => {
                     bump(&mut t.errors, "unparsable frame");
                     continue;
                 }
@@ -632,15 +541,8 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
             };
             permits.add_permits(1);
             plan.answered.fetch_add(1, Ordering::Relaxed);
-            t.latency.record(from.elapsed());
-            if r.ok == Some(true) {
-                t.success(&plan, user, r.claim.map(|c| c.claim_id));
-            } else {
-                bump(
-                    &mut t.codes,
-                    r.code.as_deref().unwrap_or("refused_without_code"),
-                );
-            }
+            t.answered(plan.start, from);
+            counted(&mut t, &plan, user, r.outcome());
         }
         permits.close();
         t

@@ -1,65 +1,96 @@
--- Reserves units of a drop: idempotency replay, then solo_not_allowed (a group-only
--- drop), ended, not_started, limit_reached,
--- sold_out, in the memory engine's order; on success writes the claim, its hold, the
--- user's count, the idempotency record and the `claim` ledger entry.
--- KEYS: 1 meta, 2 claims, 3 holds, 4 users, 5 idempotency record, 6 ledger
--- ARGV: 1 drop id, 2 user id, 3 qty, 4 now, 5 idempotency expires_at, 6 record ttl in ms
-local meta, claims, holds, users, idem, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local drop, user, qty_s, now_s = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local qty, now = tonumber(qty_s), tonumber(now_s)
+-- Reserves units of a drop for a batch of claims, one after the other, each exactly as if it
+-- ran alone: idempotency replay, then solo_not_allowed (a group-only drop), ended, not_started, limit_reached, sold_out, in the
+-- memory engine's order; on success writes the claim, its hold, the user's count, the
+-- idempotency record and the `claim` ledger entry before the next claim is looked at. A
+-- refusal of one claim never touches the others. A batch of one is the single-claim call.
+-- KEYS: 1 meta, 2 claims, 3 holds, 4 users, 5..4+n the idempotency record of each claim,
+--       5+n ledger
+-- ARGV: 1 drop id, then per claim i (five each, from 2): user id, qty, now,
+--       idempotency expires_at, record ttl in ms
+-- Reply: one entry per claim, in order: {'ok', replay, claim_id, encoded claim, total,
+--        remaining, reserved, sold} or {'err', code, detail}.
+local meta, claims, holds, users = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local n_claims = #KEYS - 5
+local ledger = KEYS[#KEYS]
+local drop = ARGV[1]
+if n_claims < 1 or #ARGV ~= 1 + 5 * n_claims then
+  return redis.error_reply('claim: KEYS and ARGV do not describe the same claims')
+end
 
 local m = redis.call('HMGET', meta, 'total', 'remaining', 'reserved', 'sold', 'ended',
   'starts_at', 'ends_at', 'limit', 'hold_ms', 'next_claim', 'solo')
 if not m[1] then
-  return refuse('not_found', 'drop')
-end
-
-local rec = redis.call('GET', idem)
-if rec then
-  local rqty, rexp, rcid = string.match(rec, '^([^|]*)|([^|]*)|(.*)$')
-  if not rexp or not tonumber(rexp) then
-    return refuse('internal', 'corrupt idempotency record')
+  local out = {}
+  for i = 1, n_claims do
+    out[i] = refuse('not_found', 'drop')
   end
-  if tonumber(rexp) > now then
-    if tonumber(rqty) ~= qty then
-      return refuse('idempotency_mismatch', '')
+  return out
+end
+-- Counters move as the batch goes; every write below keeps meta equal to them.
+local remaining, reserved, next_claim = tonumber(m[2]), tonumber(m[3]), tonumber(m[10])
+local limit, hold_ms, starts_at = tonumber(m[8]), tonumber(m[9]), tonumber(m[6])
+local ends_at = (m[7] ~= '') and tonumber(m[7]) or nil
+
+local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
+  local qty, now = tonumber(qty_s), tonumber(now_s)
+  local rec = redis.call('GET', idem)
+  if rec then
+    local rqty, rexp, rcid = string.match(rec, '^([^|]*)|([^|]*)|(.*)$')
+    if not rexp or not tonumber(rexp) then
+      return refuse('internal', 'corrupt idempotency record')
     end
-    local enc = redis.call('HGET', claims, rcid)
-    if not enc then
-      return refuse('internal', 'idempotency record without claim')
+    if tonumber(rexp) > now then
+      if tonumber(rqty) ~= qty then
+        return refuse('idempotency_mismatch', '')
+      end
+      local enc = redis.call('HGET', claims, rcid)
+      if not enc then
+        return refuse('internal', 'idempotency record without claim')
+      end
+      return {'ok', '1', rcid, enc, m[1], fmt(remaining), fmt(reserved), m[4]}
     end
-    return {'ok', '1', rcid, enc, m[1], m[2], m[3], m[4]}
+    -- A dead record is forgotten, as the memory engine does; this is not a transition and
+    -- leaves the drop consistent whatever happens next.
+    redis.call('DEL', idem)
   end
-  -- A dead record is forgotten, as the memory engine does; this is not a transition and
-  -- leaves the drop consistent whatever happens next.
-  redis.call('DEL', idem)
+
+  if m[11] == '0' then
+    return refuse('solo_not_allowed', '')
+  end
+  if m[5] == '1' or (ends_at and now >= ends_at) then
+    return refuse('ended', '')
+  end
+  if now < starts_at then
+    return refuse('not_started', '')
+  end
+  local held = tonumber(redis.call('HGET', users, user) or '0')
+  if held + qty > limit then
+    return refuse('limit_reached', m[8])
+  end
+  if remaining < qty then
+    return refuse('sold_out', '')
+  end
+
+  -- Every precondition holds: write.
+  local n = next_claim + 1
+  local cid = drop .. '.' .. fmt(n)
+  local expires = fmt(now + hold_ms)
+  local enc = encode_claim('reserved', qty_s, now_s, expires, user)
+  redis.call('HSET', meta, 'remaining', fmt(remaining - qty), 'reserved', fmt(reserved + qty),
+    'next_claim', fmt(n))
+  remaining, reserved, next_claim = remaining - qty, reserved + qty, n
+  redis.call('HSET', users, user, fmt(held + qty))
+  redis.call('ZADD', holds, expires, hold_member(n))
+  redis.call('HSET', claims, cid, enc)
+  redis.call('SET', idem, qty_s .. '|' .. idem_expires .. '|' .. cid, 'PX', ttl)
+  redis.call('XADD', ledger, '*', 'op', 'claim', 'claim_id', cid, 'user', user, 'qty', qty_s,
+    'ts', now_s)
+  return {'ok', '0', cid, enc, m[1], fmt(remaining), fmt(reserved), m[4]}
 end
 
-if m[11] == '0' then
-  return refuse('solo_not_allowed', '')
+local out = {}
+for i = 1, n_claims do
+  local a = 2 + 5 * (i - 1)
+  out[i] = claim_one(KEYS[4 + i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
 end
-local refused = window_refusal(m[5], m[6], m[7], now)
-if refused then
-  return refused
-end
-local held = tonumber(redis.call('HGET', users, user) or '0')
-local remaining = tonumber(m[2])
-refused = units_refusal(held, qty, m[8], remaining)
-if refused then
-  return refused
-end
-
--- Every precondition holds: write.
-local n = tonumber(m[10]) + 1
-local cid = drop .. '.' .. fmt(n)
-local expires = fmt(now + tonumber(m[9]))
-local reserved = tonumber(m[3]) + qty
-remaining = remaining - qty
-local enc = encode_claim('reserved', qty_s, now_s, expires, user)
-redis.call('HSET', meta, 'remaining', fmt(remaining), 'reserved', fmt(reserved), 'next_claim', fmt(n))
-redis.call('HSET', users, user, fmt(held + qty))
-redis.call('ZADD', holds, expires, hold_member(n))
-redis.call('HSET', claims, cid, enc)
-redis.call('SET', idem, qty_s .. '|' .. ARGV[5] .. '|' .. cid, 'PX', ARGV[6])
-redis.call('XADD', ledger, '*', 'op', 'claim', 'claim_id', cid, 'user', user, 'qty', qty_s, 'ts', now_s)
-return {'ok', '0', cid, enc, m[1], fmt(remaining), fmt(reserved), m[4]}
+return out

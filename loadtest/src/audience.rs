@@ -1,0 +1,472 @@
+//! What the scenarios with many WebSocket viewers share (`viewers`, `sale`): connecting a
+//! fleet of viewers spread over loopback source addresses with bounded handshakes in flight;
+//! the chat probe — a publisher that embeds its send time in each message, and the viewers'
+//! side that turns arrivals into end-to-end latency (also for messages recovered through a
+//! `resync`); and the bookkeeping of sockets the server closed.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::SplitStream;
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use crate::report::{Counts, Latency, LatencySummary, bump, format_counts, merge_counts};
+use crate::series::Series;
+use crate::ws::Socket;
+
+/// Longest the connect phase may take.
+const CONNECT_PHASE_LIMIT: Duration = Duration::from_secs(180);
+/// Latencies a viewer batches before taking the shared histogram's lock.
+pub const BATCH: usize = 256;
+
+/// The `i`-th viewer's source address, round robin over 127.0.0.1 ..= 127.0.0.`count`.
+pub fn source_ip(i: u32, count: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, (1 + i % count.max(1)) as u8))
+}
+
+/// Source addresses to use: `requested`, or one per 10 000 viewers when 0.
+pub fn source_ip_count(viewers: u32, requested: u32) -> u32 {
+    match requested {
+        0 => viewers.div_ceil(10_000).max(1),
+        n => n.min(254),
+    }
+}
+
+/// A run-unique id for rooms and markers.
+pub fn run_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{:x}{:x}", ms % 0xffff_ffff, std::process::id() % 0xfff)
+}
+
+#[derive(Deserialize)]
+struct ChatText {
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct ResyncChat {
+    chat: Vec<ChatText>,
+}
+
+#[derive(Deserialize)]
+struct ErrorFrame {
+    code: String,
+}
+
+/// The chat latency probe every viewer task shares.
+pub struct ChatProbe {
+    /// Every timestamp is microseconds since this instant.
+    epoch: Instant,
+    /// `lt RUN `: marks the run's messages.
+    marker: String,
+    received: Arc<AtomicU64>,
+    last_arrival_us: AtomicU64,
+    resyncs: AtomicU64,
+    latency: Mutex<Latency>,
+    series: Mutex<Series>,
+    closed: Mutex<Counts>,
+}
+
+impl ChatProbe {
+    /// A probe whose clock starts at `epoch`; `series` names the per-second chart.
+    pub fn new(run_id: &str, epoch: Instant, series: &str) -> Self {
+        Self {
+            epoch,
+            marker: format!("lt {run_id} "),
+            received: Arc::new(AtomicU64::new(0)),
+            last_arrival_us: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            latency: Mutex::new(Latency::new()),
+            series: Mutex::new(Series::new(series, "deliveries")),
+            closed: Mutex::new(Counts::new()),
+        }
+    }
+
+    /// The instant every timestamp counts from (second 0 of the series).
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// Microseconds since the probe's epoch.
+    pub fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// The embedded send time of one of this run's messages.
+    fn sent_at(&self, text: &str) -> Option<u64> {
+        let rest = text.strip_prefix(self.marker.as_str())?;
+        let (_n, us) = rest.split_once(' ')?;
+        us.parse().ok()
+    }
+
+    /// The `n`-th chat frame, stamped with the current time.
+    pub fn frame(&self, n: u64) -> String {
+        format!(
+            "{{\"type\":\"chat\",\"text\":\"{}{n} {}\"}}",
+            self.marker,
+            self.now_us()
+        )
+    }
+
+    fn arrived(&self, text: &str, batch: &mut Vec<(u64, u64)>) {
+        if let Some(sent) = self.sent_at(text) {
+            let now = self.now_us();
+            batch.push((now, now.saturating_sub(sent)));
+            self.received.fetch_add(1, Ordering::Relaxed);
+            self.last_arrival_us.fetch_max(now, Ordering::Relaxed);
+            if batch.len() >= BATCH {
+                self.flush(batch);
+            }
+        }
+    }
+
+    /// Handles a `chat` or `resync` frame (true), or leaves the frame to the caller (false).
+    pub fn on_text(&self, t: &str, batch: &mut Vec<(u64, u64)>) -> bool {
+        if t.starts_with("{\"type\":\"chat\"") {
+            if let Ok(c) = serde_json::from_str::<ChatText>(t) {
+                self.arrived(&c.text, batch);
+            }
+            true
+        } else if t.starts_with("{\"type\":\"resync\"") {
+            self.resyncs.fetch_add(1, Ordering::Relaxed);
+            if let Ok(r) = serde_json::from_str::<ResyncChat>(t) {
+                for c in &r.chat {
+                    self.arrived(&c.text, batch);
+                }
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Moves a viewer's batch of `(arrival µs, latency µs)` into the shared histograms.
+    pub fn flush(&self, batch: &mut Vec<(u64, u64)>) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Ok(mut h) = self.latency.lock() {
+            for (_, us) in batch.iter() {
+                h.record_micros(*us);
+            }
+        }
+        if let Ok(mut s) = self.series.lock() {
+            for (at, us) in batch.iter() {
+                s.record(*at, *us);
+            }
+        }
+        batch.clear();
+    }
+
+    /// Counts why a viewer's socket ended.
+    pub fn note_close(&self, why: &str) {
+        if let Ok(mut m) = self.closed.lock() {
+            bump(&mut m, why);
+        }
+    }
+
+    /// Chat frames of this run received so far, by all viewers.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// The shared arrival counter (for the progress bar).
+    pub fn received_counter(&self) -> Arc<AtomicU64> {
+        self.received.clone()
+    }
+
+    /// µs (since the epoch) of the last arrival.
+    pub fn last_arrival_us(&self) -> u64 {
+        self.last_arrival_us.load(Ordering::Relaxed)
+    }
+
+    /// `resync` frames received.
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// End-to-end latency of every arrival.
+    pub fn latency(&self) -> LatencySummary {
+        self.latency.lock().map(|h| h.summary()).unwrap_or_default()
+    }
+
+    /// Deliveries and their latency per second.
+    pub fn series(&self) -> Series {
+        self.series
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| Series::new("chat", "deliveries"))
+    }
+
+    /// Why sockets ended, by count.
+    pub fn closed(&self) -> Counts {
+        self.closed.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+}
+
+/// What a viewer's read loop got next.
+pub enum Next {
+    /// A text frame.
+    Text(Utf8Bytes),
+    /// The run told the viewer to stop.
+    Stop,
+    /// The socket ended (the reason is counted in the probe).
+    Ended,
+}
+
+/// Reads the next text frame, skipping others, until `stop` fires or the socket ends.
+pub async fn next_text(
+    stream: &mut SplitStream<Socket>,
+    stop: &mut watch::Receiver<bool>,
+    probe: &ChatProbe,
+) -> Next {
+    loop {
+        let next = tokio::select! {
+            _ = stop.changed() => return Next::Stop,
+            m = stream.next() => m,
+        };
+        match next {
+            Some(Ok(Message::Text(t))) => return Next::Text(t),
+            Some(Ok(Message::Close(c))) => {
+                let code = c.map(|f| u16::from(f.code).to_string()).unwrap_or_default();
+                probe.note_close(&format!("close {code}"));
+                return Next::Ended;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                probe.note_close(&format!("error: {e}"));
+                return Next::Ended;
+            }
+            None => {
+                probe.note_close("eof");
+                return Next::Ended;
+            }
+        }
+    }
+}
+
+/// Sends `rate` chat messages a second until `duration` passes or `stop` fires, each
+/// carrying its send time; reads the publisher's own socket meanwhile so it never lags,
+/// counting refusals (`error` frames). Returns the messages accepted and the errors.
+pub async fn publish(
+    socket: Socket,
+    probe: &ChatProbe,
+    rate: f64,
+    duration: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> (u64, Counts) {
+    let (mut sink, mut stream) = socket.split();
+    let start = Instant::now();
+    let end = start + duration;
+    let (done_tx, done_rx) = watch::channel(false);
+    let writer = async {
+        let mut n = 0u64;
+        let mut errors = Counts::new();
+        loop {
+            let at = start + Duration::from_secs_f64(n as f64 / rate);
+            if at >= end || *stop.borrow() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => {}
+                _ = stop.changed() => break,
+            }
+            if let Err(e) = sink.send(Message::text(probe.frame(n))).await {
+                bump(&mut errors, &format!("send: {e}"));
+                break;
+            }
+            n += 1;
+        }
+        let _ = done_tx.send(true);
+        (n, errors, sink)
+    };
+    let reader = async {
+        let mut errors = Counts::new();
+        let mut done = done_rx;
+        // Until a second after the writer's end, so late refusals are counted too.
+        let mut until = end + Duration::from_secs(1);
+        loop {
+            let m = tokio::select! {
+                r = tokio::time::timeout_at(until.into(), stream.next()) => match r {
+                    Ok(Some(m)) => m,
+                    _ => break,
+                },
+                c = done.changed(), if c_is_open(&done) => {
+                    if c.is_ok() {
+                        until = until.min(Instant::now() + Duration::from_secs(1));
+                    }
+                    continue;
+                }
+            };
+            match m {
+                Ok(Message::Text(t)) if t.as_str().starts_with("{\"type\":\"error\"") => {
+                    match serde_json::from_str::<ErrorFrame>(t.as_str()) {
+                        Ok(e) => bump(&mut errors, &e.code),
+                        Err(_) => bump(&mut errors, "error frame"),
+                    }
+                }
+                Ok(Message::Close(_)) | Err(_) => {
+                    bump(&mut errors, "publisher socket closed");
+                    break;
+                }
+                _ => {}
+            }
+        }
+        errors
+    };
+    let ((sent, mut errors, mut sink), refused) = tokio::join!(writer, reader);
+    let refusals: u64 = refused
+        .iter()
+        .filter(|(k, _)| k.as_str() != "publisher socket closed")
+        .map(|(_, v)| *v)
+        .sum();
+    merge_counts(&mut errors, &refused);
+    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+    (sent.saturating_sub(refusals), errors)
+}
+
+fn c_is_open(done: &watch::Receiver<bool>) -> bool {
+    !*done.borrow()
+}
+
+/// How the connect phase went, as summaries print and serialize it.
+#[derive(Serialize, Debug, Clone)]
+pub struct ConnectSummary {
+    pub viewers: u32,
+    pub connected: u64,
+    pub connect_failures: Counts,
+    pub source_ips: u32,
+    pub connect_wall_s: f64,
+    pub connect_latency: LatencySummary,
+}
+
+impl std::fmt::Display for ConnectSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "connected {}/{} from {} source address(es) in {:.2} s; connect {}",
+            self.connected,
+            self.viewers,
+            self.source_ips,
+            self.connect_wall_s,
+            self.connect_latency
+        )?;
+        if !self.connect_failures.is_empty() {
+            write!(
+                f,
+                "\n  connect failures: {}",
+                format_counts(&self.connect_failures)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A connected fleet of viewers, each running its own task.
+pub struct Fleet {
+    pub connected: u64,
+    pub failures: Counts,
+    pub wall: Duration,
+    pub connect_latency: LatencySummary,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// Connects `n` viewers, at most `concurrency` handshakes at once, within the connect
+    /// phase limit. `connect(i)` opens viewer `i`'s socket; `body(i, socket)` then runs as
+    /// that viewer until it returns.
+    pub async fn connect<C, CF, B, BF>(n: u32, concurrency: u32, connect: C, body: B) -> Self
+    where
+        C: Fn(u32) -> CF + Send + Sync + Clone + 'static,
+        CF: Future<Output = anyhow::Result<Socket>> + Send,
+        B: Fn(u32, Socket) -> BF + Send + Sync + Clone + 'static,
+        BF: Future<Output = ()> + Send,
+    {
+        let (conn_tx, mut conn_rx) = mpsc::channel::<Result<Duration, String>>(1024);
+        let gate = Arc::new(Semaphore::new(concurrency.max(1) as usize));
+        let start = Instant::now();
+        let mut tasks = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let (gate, conn_tx, connect, body) =
+                (gate.clone(), conn_tx.clone(), connect.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let socket = {
+                    let Ok(_permit) = gate.acquire_owned().await else {
+                        return;
+                    };
+                    let t0 = Instant::now();
+                    match connect(i).await {
+                        Ok(s) => {
+                            let _ = conn_tx.send(Ok(t0.elapsed())).await;
+                            s
+                        }
+                        Err(e) => {
+                            let _ = conn_tx.send(Err(format!("{e:#}"))).await;
+                            return;
+                        }
+                    }
+                };
+                drop(conn_tx);
+                body(i, socket).await;
+            }));
+        }
+        drop(conn_tx);
+        let mut connected = 0u64;
+        let mut failures = Counts::new();
+        let mut latency = Latency::new();
+        let phase_end = start + CONNECT_PHASE_LIMIT;
+        while connected + failures.values().sum::<u64>() < u64::from(n) {
+            match tokio::time::timeout_at(phase_end.into(), conn_rx.recv()).await {
+                Ok(Some(Ok(d))) => {
+                    connected += 1;
+                    latency.record(d);
+                }
+                Ok(Some(Err(e))) => {
+                    let short: String = e.chars().take(80).collect();
+                    bump(&mut failures, &short);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    bump(&mut failures, "connect phase timed out");
+                    break;
+                }
+            }
+        }
+        Self {
+            connected,
+            failures,
+            wall: start.elapsed(),
+            connect_latency: latency.summary(),
+            tasks,
+        }
+    }
+
+    /// The connect phase's figures, for `viewers` asked for from `source_ips` addresses.
+    pub fn summary(&self, viewers: u32, source_ips: u32) -> ConnectSummary {
+        ConnectSummary {
+            viewers,
+            connected: self.connected,
+            connect_failures: self.failures.clone(),
+            source_ips,
+            connect_wall_s: self.wall.as_secs_f64(),
+            connect_latency: self.connect_latency,
+        }
+    }
+
+    /// Waits (bounded) for every viewer task after the viewers were told to stop.
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}

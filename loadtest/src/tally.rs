@@ -1,0 +1,239 @@
+//! What every claiming client counts (`claims`, `sale`, `groups`): requests sent, answers by
+//! code, errors, answers that never came, latency (whole-run histogram and per-second
+//! series) and the ids of successful claims; plus the wire pieces of a claim shared by the
+//! scenarios — the HTTP request, the WebSocket `claim` frame and the parsing of answers.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::Method;
+use hyper::header::HeaderValue;
+use serde::{Deserialize, Serialize};
+
+use crate::http::{Answer, HttpClient};
+use crate::report::{Counts, Latency, LatencySummary, bump, format_counts, merge_counts};
+use crate::series::Series;
+
+/// One client's (or worker's) counts, merged at the end.
+pub struct Tally {
+    pub sent: u64,
+    pub ok: u64,
+    pub codes: Counts,
+    pub errors: Counts,
+    pub unknown: u64,
+    pub latency: Latency,
+    pub series: Series,
+    pub claim_ids: Vec<String>,
+}
+
+impl Tally {
+    /// An empty tally whose per-second series is named `series`.
+    pub fn new(series: &str) -> Self {
+        Self {
+            sent: 0,
+            ok: 0,
+            codes: Counts::new(),
+            errors: Counts::new(),
+            unknown: 0,
+            latency: Latency::new(),
+            series: Series::new(series, "answers"),
+            claim_ids: Vec::new(),
+        }
+    }
+
+    /// Adds another tally's counts.
+    pub fn merge(&mut self, o: Tally) {
+        self.sent += o.sent;
+        self.ok += o.ok;
+        merge_counts(&mut self.codes, &o.codes);
+        merge_counts(&mut self.errors, &o.errors);
+        self.unknown += o.unknown;
+        self.latency.merge(&o.latency);
+        self.series.merge(&o.series);
+        self.claim_ids.extend(o.claim_ids);
+    }
+
+    /// An answer to a request sent (or due) at `from`; `start` is second 0 of the series.
+    pub fn answered(&mut self, start: Instant, from: Instant) {
+        let now = Instant::now();
+        let latency = now.saturating_duration_since(from);
+        self.latency.record(latency);
+        let at = now.saturating_duration_since(start).as_micros() as u64;
+        self.series.record(at, latency.as_micros() as u64);
+    }
+
+    /// A success that carries no claim id (a health check, a group join).
+    pub fn ok(&mut self) {
+        self.ok += 1;
+        bump(&mut self.codes, "ok");
+    }
+
+    /// A success, with the claim id when the answer carried one.
+    pub fn success(&mut self, claim_id: Option<String>) {
+        self.ok();
+        match claim_id {
+            Some(id) => self.claim_ids.push(id),
+            None => bump(&mut self.errors, "success without claim_id"),
+        }
+    }
+
+    /// Counts an outcome; true for a success.
+    pub fn outcome(&mut self, o: Outcome) -> bool {
+        match o {
+            Ok(id) => {
+                self.success(id);
+                true
+            }
+            Err(code) => {
+                self.refused(&code);
+                false
+            }
+        }
+    }
+
+    /// A refusal (or any other answer) by its code.
+    pub fn refused(&mut self, code: &str) {
+        bump(&mut self.codes, code);
+    }
+
+    /// The tally as a summary: counts, answers by code, latency.
+    pub fn stats(&self) -> TallyStats {
+        TallyStats {
+            sent: self.sent,
+            answered: self.latency.count(),
+            successes: self.ok,
+            answers_by_code: self.codes.clone(),
+            errors: self.errors.clone(),
+            unanswered: self.unknown,
+            latency: self.latency.summary(),
+        }
+    }
+
+    /// A request whose answer never came (`why`): it may or may not have taken effect.
+    pub fn lost(&mut self, why: &str) {
+        self.unknown += 1;
+        bump(&mut self.errors, why);
+    }
+}
+
+/// A tally's figures, as summaries print and serialize them.
+#[derive(Serialize, Debug, Clone)]
+pub struct TallyStats {
+    pub sent: u64,
+    pub answered: u64,
+    pub successes: u64,
+    pub answers_by_code: Counts,
+    pub errors: Counts,
+    pub unanswered: u64,
+    pub latency: LatencySummary,
+}
+
+impl std::fmt::Display for TallyStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} sent, {} answered, {} successes; answers: {}; errors: {} (unanswered {})\n      latency {}",
+            self.sent,
+            self.answered,
+            self.successes,
+            format_counts(&self.answers_by_code),
+            format_counts(&self.errors),
+            self.unanswered,
+            self.latency
+        )
+    }
+}
+
+/// What a claim's answer says: `Ok(claim id)` for a success (the id when the answer carried
+/// one), `Err(code)` for a refusal.
+pub type Outcome = Result<Option<String>, String>;
+
+/// An HTTP claim answer: 201 is a success, anything else is its problem `code`.
+pub fn http_claim_outcome(a: &Answer) -> Outcome {
+    if a.status == 201 {
+        Ok(serde_json::from_slice::<ClaimAnswer>(&a.body)
+            .ok()
+            .map(|c| c.claim_id))
+    } else {
+        Err(problem_code(a))
+    }
+}
+
+/// A successful claim's body (only the id is read).
+#[derive(Deserialize)]
+pub struct ClaimAnswer {
+    pub claim_id: String,
+}
+
+#[derive(Deserialize)]
+struct Problem {
+    code: String,
+}
+
+/// The problem+json `code` of an answer, or `http_STATUS` when the body has none.
+pub fn problem_code(a: &Answer) -> String {
+    match serde_json::from_slice::<Problem>(&a.body) {
+        Ok(p) => p.code,
+        Err(_) => format!("http_{}", a.status),
+    }
+}
+
+/// The first part of an error's message, for counting errors by kind.
+pub fn short_error(e: &anyhow::Error) -> String {
+    let s = e.to_string();
+    s.split(':').next().unwrap_or("error").trim().to_string()
+}
+
+/// `POST path` with a bearer token, an `Idempotency-Key` and a JSON body.
+pub fn keyed_post(
+    client: &HttpClient,
+    path: &str,
+    auth: Option<&HeaderValue>,
+    key: &str,
+    body: Bytes,
+) -> anyhow::Result<hyper::Request<http_body_util::Full<Bytes>>> {
+    let mut r = client.request(Method::POST, path, auth, Some(body))?;
+    r.headers_mut()
+        .insert("idempotency-key", HeaderValue::from_str(key)?);
+    Ok(r)
+}
+
+/// The body of a one-unit claim.
+pub const CLAIM_BODY: &[u8] = b"{\"qty\":1}";
+
+/// The WebSocket frame claiming one unit of `drop` with idempotency key `key`.
+pub fn claim_frame(drop: &str, key: &str) -> String {
+    format!("{{\"type\":\"claim\",\"drop\":\"{drop}\",\"qty\":1,\"key\":\"{key}\"}}")
+}
+
+/// A `claim_result` (or `error`) frame.
+#[derive(Deserialize)]
+pub struct ClaimResult {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub key: Option<String>,
+    pub ok: Option<bool>,
+    pub claim: Option<ClaimAnswer>,
+    pub code: Option<String>,
+}
+
+impl ClaimResult {
+    /// Parses a frame that is a `claim_result` or an `error`; `None` for any other frame.
+    pub fn parse(text: &str) -> Option<Result<Self, serde_json::Error>> {
+        if text.starts_with("{\"type\":\"claim_result\"") || text.starts_with("{\"type\":\"error\"")
+        {
+            Some(serde_json::from_str(text))
+        } else {
+            None
+        }
+    }
+
+    /// What the answer says.
+    pub fn outcome(self) -> Outcome {
+        if self.ok == Some(true) {
+            Ok(self.claim.map(|c| c.claim_id))
+        } else {
+            Err(self.code.unwrap_or_else(|| "refused_without_code".into()))
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Claim batching for the redis engine (group commit). In a rush thousands of claims on one
+//! drop arrive within milliseconds, and Redis runs them one after the other anyway (they
+//! share the drop's hash slot). Sending each as its own EVALSHA spends most of Redis's time
+//! on per-command overhead (parsing, dispatch, a Lua call frame, a reply write) and most of
+//! the server's on syscalls. Instead each drop has a *lane*: claims queue on it, and the
+//! lane's worker sends whatever has queued as ONE call of `claim.lua`, which runs every claim
+//! of the batch exactly as if it ran alone (each atomic, each with its own answer). Nothing
+//! waits for a batch to fill: a batch is what queued while the previous call was in flight,
+//! so a lone claim goes out at once and a rush packs itself.
+//!
+//! Bounds: a lane holds at most [`LANE_CAPACITY`] queued claims (senders wait beyond that,
+//! within the caller's time budget), a batch at most [`MAX_BATCH`], and at most
+//! [`IN_FLIGHT`] batches of one drop are in flight. An idle lane closes itself after
+//! [`IDLE`], so lanes of finished drops do not pile up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{
+    DropKeys, array, at, decode_claim, guarded, levels_at, split_status, text, user_claims_key,
+};
+use crate::error::{AppError, AppResult};
+use crate::model::Millis;
+use crate::store::{ClaimRequest, Reservation};
+
+/// Most claims in one script call: keeps one call's time in Redis short (other drops and
+/// chat wait behind it) while still amortising the per-call overhead.
+const MAX_BATCH: usize = 64;
+/// Claims queued on one drop's lane before senders wait.
+const LANE_CAPACITY: usize = 4096;
+/// Batches of one drop in flight at once: while one runs in Redis the next is on the wire.
+const IN_FLIGHT: usize = 2;
+/// A lane with no claim for this long closes.
+const IDLE: Duration = Duration::from_secs(5);
+/// Attempts to hand a claim to a lane that closed in between (it then reopens).
+const SEND_ATTEMPTS: usize = 3;
+
+/// One claim waiting on a lane, with the place to send its answer.
+struct Pending {
+    req: ClaimRequest,
+    reply: oneshot::Sender<AppResult<Reservation>>,
+}
+
+/// What a lane worker needs to run a batch: cheap to clone into each batch's task.
+#[derive(Clone)]
+pub(super) struct ClaimRunner {
+    pub(super) conn: ConnectionManager,
+    pub(super) script: Script,
+    pub(super) budget: Duration,
+}
+
+/// The lanes of every drop this instance claims on.
+pub(super) struct ClaimBatcher {
+    lanes: Arc<DashMap<String, mpsc::Sender<Pending>>>,
+    runner: ClaimRunner,
+}
+
+impl ClaimBatcher {
+    pub(super) fn new(runner: ClaimRunner) -> Self {
+        Self {
+            lanes: Arc::new(DashMap::new()),
+            runner,
+        }
+    }
+
+    /// Claims through the drop's lane; the whole wait (queue and call) is bounded by the
+    /// store's time budget, so a slow Redis fails claims fast with `store_unavailable`.
+    pub(super) async fn claim(&self, req: &ClaimRequest) -> AppResult<Reservation> {
+        match tokio::time::timeout(self.runner.budget, self.submit(req)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(AppError::store_unavailable("redis claim timed out")),
+        }
+    }
+
+    async fn submit(&self, req: &ClaimRequest) -> AppResult<Reservation> {
+        let (reply, answer) = oneshot::channel();
+        let mut pending = Pending {
+            req: req.clone(),
+            reply,
+        };
+        for _ in 0..SEND_ATTEMPTS {
+            match self.lane(&req.drop).send(pending).await {
+                Ok(()) => {
+                    return answer.await.unwrap_or_else(|_| {
+                        Err(AppError::store_unavailable("claim batch abandoned"))
+                    });
+                }
+                // The lane closed for idleness between lookup and send: take a fresh one.
+                Err(mpsc::error::SendError(back)) => pending = back,
+            }
+        }
+        Err(AppError::store_unavailable("claim lane unavailable"))
+    }
+
+    /// The drop's open lane, opening one (and its worker) when there is none.
+    fn lane(&self, drop: &str) -> mpsc::Sender<Pending> {
+        if let Some(tx) = self.lanes.get(drop)
+            && !tx.is_closed()
+        {
+            return tx.clone();
+        }
+        match self.lanes.entry(drop.to_owned()) {
+            Entry::Occupied(mut e) if e.get().is_closed() => {
+                let tx = self.open_lane(drop);
+                e.insert(tx.clone());
+                tx
+            }
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => e.insert(self.open_lane(drop)).clone(),
+        }
+    }
+
+    fn open_lane(&self, drop: &str) -> mpsc::Sender<Pending> {
+        let (tx, rx) = mpsc::channel(LANE_CAPACITY);
+        tokio::spawn(run_lane(
+            self.runner.clone(),
+            rx,
+            drop.to_owned(),
+            self.lanes.clone(),
+        ));
+        tx
+    }
+}
+
+/// A lane's worker: takes what has queued (up to [`MAX_BATCH`]) whenever a slot of
+/// [`IN_FLIGHT`] is free, and runs it as one script call in its own task.
+async fn run_lane(
+    runner: ClaimRunner,
+    mut rx: mpsc::Receiver<Pending>,
+    drop_id: String,
+    lanes: Arc<DashMap<String, mpsc::Sender<Pending>>>,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let first = match tokio::time::timeout(IDLE, rx.recv()).await {
+            Ok(Some(p)) => p,
+            Ok(None) => break,
+            // Idle: refuse new sends (they reopen a lane) and finish what is queued.
+            Err(_) => {
+                rx.close();
+                continue;
+            }
+        };
+        // Waiting for a slot is what lets the next batch grow.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = Vec::with_capacity(MAX_BATCH.min(rx.len() + 1));
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let runner = runner.clone();
+        tokio::spawn(async move {
+            runner.run(batch).await;
+            drop(slot);
+        });
+    }
+    lanes.remove_if(&drop_id, |_, tx| tx.is_closed());
+}
+
+impl ClaimRunner {
+    /// Runs one batch and answers every claim in it.
+    async fn run(&self, batch: Vec<Pending>) {
+        match self.call(&batch).await {
+            Ok(answers) => {
+                self.index(&answers).await;
+                for (p, answer) in batch.into_iter().zip(answers) {
+                    let _ = p.reply.send(answer);
+                }
+            }
+            Err(e) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// One `claim.lua` call for the whole batch (all claims are on the same drop).
+    async fn call(&self, batch: &[Pending]) -> AppResult<Vec<AppResult<Reservation>>> {
+        let drop = batch
+            .first()
+            .map(|p| p.req.drop.as_str())
+            .ok_or_else(|| AppError::internal("empty claim batch"))?;
+        let k = DropKeys::new(drop);
+        let mut inv = self.script.prepare_invoke();
+        inv.key(&k.meta).key(&k.claims).key(&k.holds).key(&k.users);
+        for p in batch {
+            inv.key(DropKeys::idem(drop, &p.req.user.id, &p.req.key));
+        }
+        inv.key(&k.ledger).arg(drop);
+        for p in batch {
+            let r = &p.req;
+            let ttl_ms = (r.key_ttl_secs as Millis).saturating_mul(1000);
+            inv.arg(&r.user.id)
+                .arg(r.qty)
+                .arg(r.now)
+                .arg(r.now.saturating_add(ttl_ms))
+                .arg(ttl_ms.max(1));
+        }
+        let mut conn = self.conn.clone();
+        let reply: Value = guarded(self.budget, inv.invoke_async(&mut conn)).await?;
+        let answers = array(reply)?;
+        if answers.len() != batch.len() {
+            return Err(AppError::internal(
+                "claim batch: one answer per claim expected",
+            ));
+        }
+        Ok(answers.into_iter().map(reservation).collect())
+    }
+
+    /// Adds the batch's claims to their users' claim indexes in one pipelined round trip.
+    /// The indexes are in other slots, so the script cannot write them. The claims stand
+    /// even if this fails (logged, not refused); a replay with the same key indexes again.
+    async fn index(&self, answers: &[AppResult<Reservation>]) {
+        let mut pipe = redis::pipe();
+        for r in answers.iter().flatten() {
+            pipe.cmd("ZADD")
+                .arg(user_claims_key(&r.claim.user))
+                .arg("NX")
+                .arg(r.claim.created_at)
+                .arg(&r.claim.claim_id)
+                .ignore();
+        }
+        if pipe.is_empty() {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        if let Err(e) = guarded(self.budget, pipe.query_async::<()>(&mut conn)).await {
+            tracing::warn!(error = %e, "user claim index not updated");
+        }
+    }
+}
+
+/// One claim's answer: `{'ok', replay, claim_id, claim, total, remaining, reserved, sold}`
+/// or a refusal.
+fn reservation(answer: Value) -> AppResult<Reservation> {
+    let items = split_status(array(answer)?)?;
+    let claim_id = text(at(&items, 1)?)?;
+    Ok(Reservation {
+        replay: text(at(&items, 0)?)? == "1",
+        claim: decode_claim(&claim_id, &text(at(&items, 2)?)?)?,
+        levels: levels_at(&items, 3)?,
+    })
+}
