@@ -362,3 +362,30 @@ both_engines!(deadline_fails_group_once, |engine| async move {
     // The members' units were freed (limit 1): the leader can open again.
     assert_eq!(open(&srv, &id, "leader").await.0, 201);
 });
+
+both_engines!(group_commands_pass_the_claim_gate, |engine| async move {
+    let srv = TestServer::start(engine).await;
+    srv.create_room("gate", "host1").await;
+    let d = srv
+        .create_drop("gate", "host1", group_body(10, 1, 3, 600))
+        .await;
+    let id = d["id"].as_str().unwrap().to_string();
+    let (status, g) = open(&srv, &id, "leader").await;
+    assert_eq!(status, 201);
+    let gid = g["group_id"].as_str().unwrap().to_string();
+    // Hosts ban like this; a banned viewer can neither open nor join a group in the room.
+    let res = srv
+        .http
+        .post(srv.url("/api/rooms/gate/bans"))
+        .bearer_auth(srv.token("host1", Role::Host))
+        .json(&json!({"user":"pest"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let (status, body) = open(&srv, &id, "pest").await;
+    assert_eq!((status, code(&body)), (403, "banned"));
+    let (status, body) = join(&srv, &gid, "pest", "k").await;
+    assert_eq!((status, code(&body)), (403, "banned"));
+    assert_eq!(srv.levels(&id).await, (10, 9, 1, 0));
+});
