@@ -77,6 +77,70 @@ pub struct Drop {
     pub hold_secs: u64,
     pub kind: DropKind,
     pub created_at: Millis,
+    /// How a `group` drop is sold in groups; `None` for flash drops. Optional so records
+    /// written before group buys existed still read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupTerms>,
+}
+
+/// The terms of a group-buy drop: a group of `size` members, opened by a leader, gets
+/// `price` each when it fills within `window_secs`; otherwise every unit goes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupTerms {
+    pub size: u64,
+    /// Group price per unit, in minor units.
+    pub price: i64,
+    pub window_secs: u64,
+    /// Whether the drop may also be claimed alone (a flash claim at the normal price).
+    pub allow_solo: bool,
+}
+
+/// Where a group buy is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupStatus {
+    /// Filling: every member's unit is reserved.
+    Open,
+    /// Full before the deadline: every member's unit is sold at the group price.
+    Completed,
+    /// The deadline passed first: every member's unit went back to stock.
+    Failed,
+}
+
+impl GroupStatus {
+    /// The wire and store spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupStatus::Open => "open",
+            GroupStatus::Completed => "completed",
+            GroupStatus::Failed => "failed",
+        }
+    }
+
+    /// Reads a stored status; `None` for anything else (a corrupt record).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "open" => GroupStatus::Open,
+            "completed" => GroupStatus::Completed,
+            "failed" => GroupStatus::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// One group buy of a drop. Each member holds one unit; `members[0]` is the leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    pub group_id: String,
+    pub drop: String,
+    pub size: u64,
+    /// Group price per unit, copied from the drop when the group opened.
+    pub price: i64,
+    /// User ids in join order, leader first.
+    pub members: Vec<String>,
+    pub status: GroupStatus,
+    pub created_at: Millis,
+    pub expires_at: Millis,
 }
 
 /// The four counters of a drop. Invariant: `remaining + reserved + sold == total`.
@@ -151,10 +215,14 @@ pub struct Claim {
 /// One state transition of a drop, appended by the same atomic step that made it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerEntry {
-    /// `create`, `claim`, `confirm`, `release`, `expire`, `end`.
+    /// `create`, `claim`, `confirm`, `release`, `expire`, `end`, `group_open`,
+    /// `group_join`, `group_complete`, `group_fail`.
     pub op: String,
     pub claim_id: Option<String>,
     pub user: Option<String>,
     pub qty: u64,
     pub ts: Millis,
+    /// The group of a `group_*` entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }

@@ -78,6 +78,17 @@ pub enum ClientMessage {
     Release {
         claim: String,
     },
+    /// Opens a group buy on `drop`; answered by `group_result` with `key` (the
+    /// idempotency key).
+    OpenGroup {
+        drop: String,
+        key: String,
+    },
+    /// Joins a group; answered by `group_result` with `key` (the idempotency key).
+    JoinGroup {
+        group: String,
+        key: String,
+    },
 }
 
 fn one() -> u32 {
@@ -102,6 +113,9 @@ pub struct Snapshot {
     pub recovered: Option<bool>,
     /// Live drops, in the same JSON shape as `GET /api/drops/{drop}`.
     pub drops: Vec<serde_json::Value>,
+    /// Open groups of the live group drops (each drop's fullest first), as
+    /// `GET /api/groups/{group}`: what a newcomer needs to join one.
+    pub groups: Vec<serde_json::Value>,
     /// The viewer's own identity, so a page can tell its messages apart.
     pub you: crate::model::User,
 }
@@ -113,6 +127,9 @@ pub struct CommandResult {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub claim: Option<serde_json::Value>,
+    /// The group, in `group_result` frames.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -163,6 +180,35 @@ pub enum ServerMessage {
     ChatDeleted {
         id: String,
     },
+
+    /// Outcome of `open_group` / `join_group`, with the group in `group`.
+    GroupResult(CommandResult),
+    /// A group's members/size changed; conflated per group.
+    GroupProgress(serde_json::Value),
+    /// A group filled: every member's unit is sold at the group price.
+    GroupCompleted(serde_json::Value),
+    /// A group's deadline passed: every member's unit went back to stock.
+    GroupFailed(serde_json::Value),
+}
+
+impl CommandResult {
+    /// The answer to a command correlated by `key`: the value (put in `claim`, or in
+    /// `group` when `group` is true) or the refusal's code and message.
+    pub fn new(key: String, result: Result<serde_json::Value, AppError>, group: bool) -> Self {
+        let (ok, value, code, message) = match result {
+            Ok(v) => (true, Some(v), None, None),
+            Err(e) => (false, None, Some(e.code), Some(e.message)),
+        };
+        let (claim, group) = if group { (None, value) } else { (value, None) };
+        CommandResult {
+            key,
+            ok,
+            claim,
+            group,
+            code,
+            message,
+        }
+    }
 }
 
 impl ServerMessage {

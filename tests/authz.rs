@@ -43,7 +43,8 @@ fn row(method: &'static str, path: &str, body: Option<Value>, need: Need) -> Row
     }
 }
 
-/// Every protected endpoint. Group-buy routes join this table when they exist.
+/// Every protected endpoint. (`GET /api/groups/{group}` and `GET /api/drops/{drop}/groups`
+/// are public on purpose, like a drop's page: a group is shared by link.)
 fn table(claim: &str) -> Vec<Row> {
     let drop = json!({"sku":"S","title":"T","price":1,"stock":5,"kind":"flash"});
     vec![
@@ -75,6 +76,8 @@ fn table(claim: &str) -> Vec<Row> {
             Need::ClaimOwner,
         ),
         row("GET", "/api/me/claims", None, Need::Token),
+        row("POST", "/api/drops/d/groups", None, Need::Token),
+        row("POST", "/api/groups/d.g1/join", None, Need::Token),
         row("GET", "/api/rooms/r/stats", None, Need::Owner),
         row("GET", "/api/rooms/r/moderation", None, Need::Owner),
         row(
@@ -223,6 +226,18 @@ both_engines!(every_ws_command_checks_the_caller, |engine| async move {
     ] {
         guest.send(cmd.clone()).await;
         let r = guest.recv_type("claim_result").await;
+        assert_eq!(
+            (r["ok"].clone(), r["code"].clone()),
+            (json!(false), json!("forbidden")),
+            "{cmd}: {r}"
+        );
+    }
+    for cmd in [
+        json!({"type":"open_group","drop":"d","key":"g1"}),
+        json!({"type":"join_group","group":"d.g1","key":"g2"}),
+    ] {
+        guest.send(cmd.clone()).await;
+        let r = guest.recv_type("group_result").await;
         assert_eq!(
             (r["ok"].clone(), r["code"].clone()),
             (json!(false), json!("forbidden")),

@@ -5,10 +5,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::server::{Engine, Received, TestServer};
+use common::server::{ConservationSampler, Engine, Received, TestServer};
 use livedrop::auth::Role;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -30,31 +29,6 @@ async fn claim(srv: &TestServer, drop: &str, user: &str, key: &str, qty: Value) 
         .unwrap();
     let status = res.status().as_u16();
     (status, res.json().await.unwrap_or(Value::Null))
-}
-
-async fn levels(srv: &TestServer, drop: &str) -> (u64, u64, u64, u64) {
-    let (status, d) = srv.get_json(&format!("/api/drops/{drop}")).await;
-    assert_eq!(status, 200, "{d}");
-    let n = |k: &str| d[k].as_u64().unwrap();
-    (n("total"), n("remaining"), n("reserved"), n("sold"))
-}
-
-async fn ledger_ops(srv: &TestServer, drop: &str, host: &str, op: &str) -> usize {
-    let (status, body) = srv
-        .call(
-            Method::GET,
-            format!("/api/drops/{drop}/ledger"),
-            host,
-            Role::Host,
-        )
-        .await;
-    assert_eq!(status, 200);
-    body["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["op"] == op)
-        .count()
 }
 
 both_engines!(drop_lifecycle_and_access, |engine| async move {
@@ -162,7 +136,7 @@ both_engines!(drop_lifecycle_and_access, |engine| async move {
         .await;
     assert_eq!(status, 409);
     assert_eq!(body["code"], "claim_closed");
-    assert_eq!(levels(&srv, &id).await, (10, 9, 0, 1));
+    assert_eq!(srv.levels(&id).await, (10, 9, 0, 1));
     let (_, mine) = srv
         .call(Method::GET, "/api/me/claims", "v1", Role::Viewer)
         .await;
@@ -191,7 +165,7 @@ both_engines!(drop_lifecycle_and_access, |engine| async move {
     assert_eq!(ended["drop"], id.as_str());
     let (status, body) = claim(&srv, &id, "v3", "k1", json!(1)).await;
     assert_eq!((status, body["code"].as_str()), (409, Some("ended")));
-    assert_eq!(levels(&srv, &id).await, (10, 9, 0, 1));
+    assert_eq!(srv.levels(&id).await, (10, 9, 0, 1));
     // A viewer cannot read the ledger.
     let (status, _) = srv
         .call(
@@ -214,20 +188,7 @@ both_engines!(two_thousand_claimers_on_137, |engine| async move {
     let id = d["id"].as_str().unwrap().to_string();
 
     // Sample conservation while the rush runs.
-    let running = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (srv, id, running) = (srv.clone(), id.clone(), running.clone());
-        tokio::spawn(async move {
-            let mut samples = 0;
-            while running.load(Ordering::Acquire) {
-                let (t, r, res, s) = levels(&srv, &id).await;
-                assert_eq!(r + res + s, t, "conservation broke mid-rush");
-                samples += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            samples
-        })
-    };
+    let sampler = ConservationSampler::start(srv.clone(), &id);
     let mut tasks = Vec::new();
     for i in 0..2000 {
         let (srv, id) = (srv.clone(), id.clone());
@@ -244,11 +205,10 @@ both_engines!(two_thousand_claimers_on_137, |engine| async move {
             other => panic!("unexpected {other}: {body}"),
         }
     }
-    running.store(false, Ordering::Release);
-    assert!(sampler.await.unwrap() > 0);
+    assert!(sampler.stop().await > 0);
     assert_eq!(ok, 137);
-    assert_eq!(levels(&srv, &id).await, (137, 0, 137, 0));
-    assert_eq!(ledger_ops(&srv, &id, "host1", "claim").await, 137);
+    assert_eq!(srv.levels(&id).await, (137, 0, 137, 0));
+    assert_eq!(srv.ledger_ops(&id, "host1", "claim").await, 137);
 
     // The room saw sold_out and a final stock frame of 0.
     let mut sold_out = false;
@@ -297,7 +257,7 @@ both_engines!(idempotent_retries_and_limits, |engine| async move {
             (422, Some("idempotency_mismatch"))
         );
     }
-    assert_eq!(levels(&srv, &id).await, (100, 90, 10, 0));
+    assert_eq!(srv.levels(&id).await, (100, 90, 10, 0));
 
     // Per-user limit 2, 50 concurrent requests from one user with distinct keys.
     let mut tasks = Vec::new();
@@ -320,7 +280,7 @@ both_engines!(idempotent_retries_and_limits, |engine| async move {
         }
     }
     assert_eq!(ok, 2);
-    assert_eq!(levels(&srv, &id).await, (100, 88, 12, 0));
+    assert_eq!(srv.levels(&id).await, (100, 88, 12, 0));
 });
 
 both_engines!(bad_quantities_and_window, |engine| async move {
@@ -374,7 +334,7 @@ both_engines!(bad_quantities_and_window, |engine| async move {
         (status, body["code"].as_str()),
         (409, Some("limit_reached"))
     );
-    assert_eq!(levels(&srv, &id).await, (5, 5, 0, 0));
+    assert_eq!(srv.levels(&id).await, (5, 5, 0, 0));
 
     // A drop that starts tomorrow.
     let mut later = drop_body(5, 1, 300);
@@ -391,8 +351,8 @@ both_engines!(bad_quantities_and_window, |engine| async move {
     let past_id = d["id"].as_str().unwrap();
     let (status, body) = claim(&srv, past_id, "v", "k", json!(1)).await;
     assert_eq!((status, body["code"].as_str()), (409, Some("ended")));
-    assert_eq!(levels(&srv, later_id).await, (5, 5, 0, 0));
-    assert_eq!(levels(&srv, past_id).await, (5, 5, 0, 0));
+    assert_eq!(srv.levels(later_id).await, (5, 5, 0, 0));
+    assert_eq!(srv.levels(past_id).await, (5, 5, 0, 0));
 });
 
 both_engines!(
@@ -409,7 +369,7 @@ both_engines!(
                 201
             );
         }
-        assert_eq!(levels(&srv, &id).await, (20, 0, 20, 0));
+        assert_eq!(srv.levels(&id).await, (20, 0, 20, 0));
         // Two more sweepers race the server's own.
         let state = srv.state.clone();
         let extra = tokio::spawn(async move {
@@ -426,8 +386,8 @@ both_engines!(
             }
         }
         extra.await.unwrap();
-        assert_eq!(levels(&srv, &id).await, (20, 20, 0, 0));
-        assert_eq!(ledger_ops(&srv, &id, "host1", "expire").await, 20);
+        assert_eq!(srv.levels(&id).await, (20, 20, 0, 0));
+        assert_eq!(srv.ledger_ops(&id, "host1", "expire").await, 20);
         // Per-user counts were freed: the same users can claim again.
         assert_eq!(claim(&srv, &id, "u0", "k2", json!(1)).await.0, 201);
     }

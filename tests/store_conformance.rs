@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use common::redis_server::RedisServer;
 use livedrop::error::AppResult;
-use livedrop::model::{ClaimStatus, Drop, DropKind, LedgerEntry, Millis, Room, User};
+use livedrop::model::{
+    ClaimStatus, Drop, DropKind, GroupStatus, GroupTerms, LedgerEntry, Millis, Room, User,
+};
 use livedrop::store::memory::MemoryStore;
 use livedrop::store::redis::RedisStore;
-use livedrop::store::{ClaimRequest, Reservation, Store};
+use livedrop::store::{ClaimRequest, GroupRequest, Reservation, Store};
 
 const T0: Millis = 1_700_000_000_000;
 const KEY_TTL: u64 = 600;
@@ -52,6 +54,7 @@ fn drop_(id: &str, stock: u64, limit: u64) -> Drop {
         hold_secs: 60,
         kind: DropKind::Flash,
         created_at: T0 - 1000,
+        group: None,
     }
 }
 
@@ -485,6 +488,7 @@ async fn ledger_contents(s: S) {
         user: user.map(str::to_string),
         qty,
         ts,
+        group: None,
     };
     let expected = vec![
         e("create", None, None, 5, T0 - 1000),
@@ -734,6 +738,382 @@ async fn concurrent_sweepers(s: S) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Group buys.
+
+/// A group drop: groups of `size`, 60 s to fill, group price 999, no solo claims.
+fn group_drop_(id: &str, stock: u64, limit: u64, size: u64) -> Drop {
+    Drop {
+        kind: DropKind::Group,
+        group: Some(GroupTerms {
+            size,
+            price: 999,
+            window_secs: 60,
+            allow_solo: false,
+        }),
+        ..drop_(id, stock, limit)
+    }
+}
+
+fn greq(target: &str, user_id: &str, key: Option<&str>, now: Millis) -> GroupRequest {
+    GroupRequest {
+        target: target.to_string(),
+        user: user(user_id),
+        key: key.map(str::to_string),
+        now,
+        key_ttl_secs: KEY_TTL,
+    }
+}
+
+fn counts(s: &livedrop::model::StockLevels) -> (u64, u64, u64, u64) {
+    (s.total, s.remaining, s.reserved, s.sold)
+}
+
+async fn groups_open_join_complete(s: S) {
+    s.create_drop(&group_drop_("d1", 10, 2, 3)).await.unwrap();
+    let a = s.open_group(&greq("d1", "u1", None, T0)).await.unwrap();
+    assert!(!a.replay);
+    let g = &a.group;
+    assert_eq!(g.group_id, "d1.g1");
+    assert_eq!((g.drop.as_str(), g.size, g.price), ("d1", 3, 999));
+    assert_eq!(g.members, vec!["u1".to_string()]);
+    assert_eq!(g.status, GroupStatus::Open);
+    assert_eq!((g.created_at, g.expires_at), (T0, T0 + 60_000));
+    assert_eq!(counts(&a.levels), (10, 9, 1, 0));
+    let b = s
+        .join_group(&greq("d1.g1", "u2", Some("k"), T0 + 1))
+        .await
+        .unwrap();
+    assert_eq!(b.group.members, vec!["u1".to_string(), "u2".to_string()]);
+    assert_eq!(counts(&b.levels), (10, 8, 2, 0));
+    assert_eq!(s.drop_groups("d1").await.unwrap(), vec![b.group.clone()]);
+    assert_eq!(s.get_group("d1.g1").await.unwrap(), Some(b.group.clone()));
+    // The last place completes the group in the same step: all three units sold.
+    let c = s
+        .join_group(&greq("d1.g1", "u3", Some("k"), T0 + 2))
+        .await
+        .unwrap();
+    assert_eq!(c.group.status, GroupStatus::Completed);
+    assert_eq!(c.group.members.len(), 3);
+    assert_eq!(counts(&c.levels), (10, 7, 0, 3));
+    assert_eq!(s.get_group("d1.g1").await.unwrap(), Some(c.group.clone()));
+    assert_eq!(s.drop_groups("d1").await.unwrap(), vec![]);
+    assert_eq!(
+        code(s.join_group(&greq("d1.g1", "u4", Some("k"), T0 + 3)).await),
+        "group_full"
+    );
+    // Group units count toward the per-user limit (2): u1 holds one sold unit.
+    s.open_group(&greq("d1", "u1", None, T0 + 4)).await.unwrap();
+    assert_eq!(
+        code(s.open_group(&greq("d1", "u1", None, T0 + 5)).await),
+        "limit_reached"
+    );
+    // A group-only drop refuses solo claims.
+    assert_eq!(
+        code(s.claim(&req("d1", "u5", "a", 1, T0)).await),
+        "solo_not_allowed"
+    );
+    let e = |op: &str, user: Option<&str>, qty: u64, ts: Millis, g: &str| LedgerEntry {
+        op: op.to_string(),
+        claim_id: None,
+        user: user.map(str::to_string),
+        qty,
+        ts,
+        group: Some(g.to_string()),
+    };
+    let l = s.ledger("d1").await.unwrap();
+    assert_eq!(
+        l[1..].to_vec(),
+        vec![
+            e("group_open", Some("u1"), 1, T0, "d1.g1"),
+            e("group_join", Some("u2"), 1, T0 + 1, "d1.g1"),
+            e("group_join", Some("u3"), 1, T0 + 2, "d1.g1"),
+            e("group_complete", None, 3, T0 + 2, "d1.g1"),
+            e("group_open", Some("u1"), 1, T0 + 4, "d1.g2"),
+        ]
+    );
+    assert_conserved(&s, "d1").await;
+    // Solo claims where allowed share the stock and the limit.
+    let mut solo = group_drop_("d2", 3, 2, 2);
+    solo.group = solo.group.map(|t| GroupTerms {
+        allow_solo: true,
+        ..t
+    });
+    s.create_drop(&solo).await.unwrap();
+    s.claim(&req("d2", "u1", "a", 1, T0)).await.unwrap();
+    s.open_group(&greq("d2", "u1", None, T0)).await.unwrap();
+    assert_eq!(
+        code(s.claim(&req("d2", "u1", "b", 1, T0)).await),
+        "limit_reached"
+    );
+    s.join_group(&greq("d2.g1", "u2", Some("k"), T0))
+        .await
+        .unwrap();
+    let st = s.get_drop("d2").await.unwrap().unwrap();
+    assert_eq!(counts(&st.levels), (3, 0, 1, 2));
+}
+
+async fn groups_refusals(s: S) {
+    s.create_drop(&drop_("flash", 10, 2)).await.unwrap();
+    s.create_drop(&group_drop_("d1", 2, 1, 3)).await.unwrap();
+    assert_eq!(
+        code(s.open_group(&greq("nope", "u1", None, T0)).await),
+        "not_found"
+    );
+    assert_eq!(
+        code(s.open_group(&greq("flash", "u1", None, T0)).await),
+        "not_group"
+    );
+    for bad in ["d1.g9", "nope.g1", "d1.1", "garbage", "d1.g"] {
+        assert_eq!(
+            code(s.join_group(&greq(bad, "u1", Some("k"), T0)).await),
+            "not_found",
+            "{bad}"
+        );
+        assert_eq!(s.get_group(bad).await.unwrap(), None);
+    }
+    assert_eq!(code(s.drop_groups("nope").await), "not_found");
+    let mut later = group_drop_("later", 5, 1, 2);
+    later.starts_at = T0 + 10_000;
+    s.create_drop(&later).await.unwrap();
+    assert_eq!(
+        code(s.open_group(&greq("later", "u1", None, T0)).await),
+        "not_started"
+    );
+    s.open_group(&greq("d1", "u1", None, T0)).await.unwrap();
+    assert_eq!(
+        code(s.join_group(&greq("d1.g1", "u1", Some("k"), T0)).await),
+        "already_member"
+    );
+    s.join_group(&greq("d1.g1", "u2", Some("k"), T0))
+        .await
+        .unwrap();
+    // Stock 2 is all reserved by the group: the third place cannot be had.
+    assert_eq!(
+        code(s.join_group(&greq("d1.g1", "u3", Some("k"), T0)).await),
+        "sold_out"
+    );
+    assert_eq!(
+        code(s.open_group(&greq("d1", "u3", None, T0)).await),
+        "sold_out"
+    );
+    // Limit 1: u1 holds a unit already.
+    s.create_drop(&group_drop_("d2", 10, 1, 2)).await.unwrap();
+    s.open_group(&greq("d2", "u1", None, T0)).await.unwrap();
+    s.open_group(&greq("d2", "u2", None, T0)).await.unwrap();
+    assert_eq!(
+        code(s.join_group(&greq("d2.g2", "u1", Some("k"), T0)).await),
+        "limit_reached"
+    );
+    // Past the deadline (not swept yet): closed; after the drop ends: ended.
+    assert_eq!(
+        code(
+            s.join_group(&greq("d2.g1", "u3", Some("k"), T0 + 60_000))
+                .await
+        ),
+        "group_closed"
+    );
+    s.end_drop("d2", T0 + 1).await.unwrap();
+    assert_eq!(
+        code(s.join_group(&greq("d2.g1", "u3", Some("k"), T0 + 2)).await),
+        "ended"
+    );
+    assert_eq!(
+        code(s.open_group(&greq("d2", "u3", None, T0 + 2)).await),
+        "ended"
+    );
+    // A drop window shorter than the group window caps the deadline.
+    let mut short = group_drop_("short", 5, 1, 2);
+    short.ends_at = Some(T0 + 5_000);
+    s.create_drop(&short).await.unwrap();
+    let g = s.open_group(&greq("short", "u1", None, T0)).await.unwrap();
+    assert_eq!(g.group.expires_at, T0 + 5_000);
+    for d in ["d1", "d2", "short"] {
+        assert_conserved(&s, d).await;
+    }
+}
+
+async fn groups_idempotency(s: S) {
+    s.create_drop(&group_drop_("d1", 10, 3, 2)).await.unwrap();
+    let a = s
+        .open_group(&greq("d1", "u1", Some("o"), T0))
+        .await
+        .unwrap();
+    let again = s
+        .open_group(&greq("d1", "u1", Some("o"), T0 + 1))
+        .await
+        .unwrap();
+    assert!(again.replay);
+    assert_eq!(again.group, a.group);
+    assert_eq!(again.levels.reserved, 1);
+    // Without a key, a second open is a second group.
+    let b = s.open_group(&greq("d1", "u1", None, T0 + 2)).await.unwrap();
+    assert_eq!(b.group.group_id, "d1.g2");
+    // A join retried with the same key gets the same answer, even after it completed.
+    let j = s
+        .join_group(&greq("d1.g1", "u2", Some("j"), T0 + 3))
+        .await
+        .unwrap();
+    assert!(!j.replay);
+    assert_eq!(j.group.status, GroupStatus::Completed);
+    let j2 = s
+        .join_group(&greq("d1.g1", "u2", Some("j"), T0 + 4))
+        .await
+        .unwrap();
+    assert!(j2.replay);
+    assert_eq!(j2.group, j.group);
+    // A different key from a member is already_member (before the group filled) or
+    // group_full (after).
+    assert_eq!(
+        code(s.join_group(&greq("d1.g1", "u2", Some("j2"), T0 + 5)).await),
+        "group_full"
+    );
+    s.join_group(&greq("d1.g2", "u3", Some("j"), T0 + 5))
+        .await
+        .unwrap();
+    let st = s.get_drop("d1").await.unwrap().unwrap();
+    assert_eq!(counts(&st.levels), (10, 6, 0, 4));
+    let l = s.ledger("d1").await.unwrap();
+    assert_eq!(ledger_ops(&l, "group_open"), 2);
+    assert_eq!(ledger_ops(&l, "group_join"), 2);
+    assert_eq!(ledger_ops(&l, "group_complete"), 2);
+    // A key expires with its TTL: then it is a new attempt.
+    let later = T0 + (KEY_TTL as Millis) * 1000 + 10;
+    s.create_drop(&group_drop_("d2", 10, 3, 3)).await.unwrap();
+    s.open_group(&greq("d2", "u1", Some("o"), T0))
+        .await
+        .unwrap();
+    let fresh = s
+        .open_group(&greq("d2", "u1", Some("o"), later))
+        .await
+        .unwrap();
+    assert!(!fresh.replay);
+    assert_eq!(fresh.group.group_id, "d2.g2");
+}
+
+/// 3 of 5 members at the deadline, three sweepers at once: the group fails exactly once,
+/// its 3 units go back, the ledger records one `group_fail`.
+async fn groups_fail_once(s: S) {
+    s.create_drop(&group_drop_("d1", 10, 1, 5)).await.unwrap();
+    s.open_group(&greq("d1", "u1", None, T0)).await.unwrap();
+    for u in ["u2", "u3"] {
+        s.join_group(&greq("d1.g1", u, Some("k"), T0 + 1))
+            .await
+            .unwrap();
+    }
+    s.open_group(&greq("d1", "u4", None, T0 + 30_000))
+        .await
+        .unwrap();
+    assert!(
+        s.sweepable_drops()
+            .await
+            .unwrap()
+            .contains(&"d1".to_string())
+    );
+    assert!(
+        s.fail_groups("d1", T0 + 59_999)
+            .await
+            .unwrap()
+            .failed
+            .is_empty()
+    );
+    assert_eq!(code(s.fail_groups("nope", T0).await), "not_found");
+    let at = T0 + 60_000;
+    let sweepers: Vec<_> = (0..3)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.fail_groups("d1", at).await.unwrap() })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for t in sweepers {
+        let sw = t.await.unwrap();
+        assert!(sw.levels.conserved());
+        failed.extend(sw.failed);
+    }
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].group_id, "d1.g1");
+    assert_eq!(failed[0].status, GroupStatus::Failed);
+    assert_eq!(failed[0].members.len(), 3);
+    let st = s.get_drop("d1").await.unwrap().unwrap();
+    assert_eq!(counts(&st.levels), (10, 9, 1, 0));
+    let l = s.ledger("d1").await.unwrap();
+    assert_eq!(ledger_ops(&l, "group_fail"), 1);
+    let fail = l.iter().find(|e| e.op == "group_fail").unwrap();
+    assert_eq!((fail.qty, fail.group.as_deref()), (3, Some("d1.g1")));
+    assert_eq!(s.get_group("d1.g1").await.unwrap(), Some(failed[0].clone()));
+    assert_eq!(
+        code(s.join_group(&greq("d1.g1", "u5", Some("k"), at)).await),
+        "group_closed"
+    );
+    // The members' units were freed: u1 (limit 1) can open again.
+    s.open_group(&greq("d1", "u1", None, at)).await.unwrap();
+    // The other group fails at its own deadline.
+    let sw = s.fail_groups("d1", T0 + 90_000).await.unwrap();
+    assert_eq!(sw.failed.len(), 1);
+    assert_eq!(sw.failed[0].group_id, "d1.g2");
+    assert_conserved(&s, "d1").await;
+}
+
+/// 500 concurrent joiners on a group of 5: exactly 4 get in, the group completes once.
+async fn groups_concurrent_joiners(s: S) {
+    s.create_drop(&group_drop_("d1", 100, 1, 5)).await.unwrap();
+    s.open_group(&greq("d1", "leader", None, T0)).await.unwrap();
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.join_group(&greq("d1.g1", &format!("u{i}"), Some("k"), T0 + 1))
+                    .await
+            })
+        })
+        .collect();
+    let (mut ok, mut completed) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(a) => {
+                ok += 1;
+                if a.group.status == GroupStatus::Completed {
+                    completed += 1;
+                }
+            }
+            Err(e) => assert_eq!(e.code, "group_full"),
+        }
+    }
+    assert_eq!((ok, completed), (4, 1));
+    let st = s.get_drop("d1").await.unwrap().unwrap();
+    assert_eq!(counts(&st.levels), (100, 95, 0, 5));
+    let l = s.ledger("d1").await.unwrap();
+    assert_eq!(ledger_ops(&l, "group_join"), 4);
+    assert_eq!(ledger_ops(&l, "group_complete"), 1);
+}
+
+async fn groups_list_order(s: S) {
+    s.create_drop(&group_drop_("d1", 50, 1, 5)).await.unwrap();
+    for (i, joiners) in [1usize, 3, 2, 3].into_iter().enumerate() {
+        let leader = format!("l{i}");
+        let g = s
+            .open_group(&greq("d1", &leader, None, T0 + i as Millis))
+            .await
+            .unwrap()
+            .group;
+        for j in 1..joiners {
+            s.join_group(&greq(&g.group_id, &format!("m{i}-{j}"), Some("k"), T0 + 10))
+                .await
+                .unwrap();
+        }
+    }
+    let ids: Vec<String> = s
+        .drop_groups("d1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.group_id)
+        .collect();
+    // Fullest first; equal fill: the nearer deadline (opened earlier) first.
+    assert_eq!(ids, vec!["d1.g2", "d1.g4", "d1.g3", "d1.g1"]);
+}
+
+// ---------------------------------------------------------------------------------------
 // Both engines.
 
 async fn redis_store(server: &RedisServer) -> S {
@@ -783,6 +1163,12 @@ conformance!(
     concurrent_same_key,
     concurrent_mixed_batch,
     concurrent_sweepers,
+    groups_open_join_complete,
+    groups_refusals,
+    groups_idempotency,
+    groups_fail_once,
+    groups_concurrent_joiners,
+    groups_list_order,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -932,6 +1318,49 @@ async fn redis_two_instances_share_stock_and_limits() {
     assert!(per_user.values().all(|n| *n <= 2));
     let st = b.get_drop("d1").await.unwrap().unwrap();
     assert_eq!((st.levels.remaining, st.levels.reserved), (0, 50));
+}
+
+/// Two server instances on one Redis: 200 joiners split between them fill a group of 5
+/// with exactly 4 joins; then both sweep a 3-of-5 group at its deadline and it fails once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_two_instances_fill_and_fail_groups_once() {
+    let server = RedisServer::start();
+    let a = redis_store(&server).await;
+    let b = redis_store(&server).await;
+    a.create_drop(&group_drop_("d1", 20, 1, 5)).await.unwrap();
+    a.open_group(&greq("d1", "leader", None, T0)).await.unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move {
+                s.join_group(&greq("d1.g1", &format!("u{i}"), Some("k"), T0 + 1))
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code, "group_full"),
+        }
+    }
+    assert_eq!(ok, 4);
+    b.open_group(&greq("d1", "x1", None, T0 + 2)).await.unwrap();
+    for u in ["x2", "x3"] {
+        a.join_group(&greq("d1.g2", u, Some("k"), T0 + 3))
+            .await
+            .unwrap();
+    }
+    let at = T0 + 60_002;
+    let (fa, fb) = tokio::join!(a.fail_groups("d1", at), b.fail_groups("d1", at));
+    let failed = fa.unwrap().failed.len() + fb.unwrap().failed.len();
+    assert_eq!(failed, 1);
+    let st = b.get_drop("d1").await.unwrap().unwrap();
+    assert_eq!(counts(&st.levels), (20, 15, 0, 5));
+    let l = a.ledger("d1").await.unwrap();
+    assert_eq!(ledger_ops(&l, "group_complete"), 1);
+    assert_eq!(ledger_ops(&l, "group_fail"), 1);
 }
 
 /// Retries an operation while the store reconnects (the first calls after a restart may

@@ -1,4 +1,5 @@
-//! Differential test: random operation sequences go to a `MemoryStore` and a `RedisStore`
+//! Differential test: random operation sequences (claims, confirms, releases, sweeps, group
+//! opens, joins and failures) go to a `MemoryStore` and a `RedisStore`
 //! (one `redis-server` for the whole run, fresh drop and user ids per case); every answer
 //! must be identical (Ok values, or Err codes) and conservation must hold after every step.
 //! A difference is a bug in one of the engines.
@@ -11,10 +12,10 @@ use std::time::Duration;
 
 use common::redis_server::RedisServer;
 use livedrop::error::AppResult;
-use livedrop::model::{Drop, DropKind, Millis, User};
+use livedrop::model::{Drop, DropKind, GroupTerms, Millis, User};
 use livedrop::store::memory::MemoryStore;
 use livedrop::store::redis::RedisStore;
-use livedrop::store::{ClaimRequest, Store};
+use livedrop::store::{ClaimRequest, GroupRequest, Store};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -30,13 +31,34 @@ enum ClaimRef {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Claim { user: u8, key: u8, qty: u64 },
+    Claim {
+        user: u8,
+        key: u8,
+        qty: u64,
+    },
     Retry(usize),
-    Confirm { claim: ClaimRef, user: u8 },
-    Release { claim: ClaimRef, user: u8 },
+    Confirm {
+        claim: ClaimRef,
+        user: u8,
+    },
+    Release {
+        claim: ClaimRef,
+        user: u8,
+    },
     Advance(i64),
     Sweep,
     End,
+    OpenGroup {
+        user: u8,
+        key: Option<u8>,
+    },
+    /// Joins a group: the n-th group id seen so far, or a bogus one.
+    JoinGroup {
+        group: ClaimRef,
+        user: u8,
+        key: u8,
+    },
+    FailGroups,
 }
 
 #[derive(Clone, Debug)]
@@ -47,6 +69,8 @@ struct Case {
     starts_in: i64,
     ends_in: Option<i64>,
     key_ttl_secs: u64,
+    /// Group terms `(size, window_secs, allow_solo)`; `None` is a flash drop.
+    group: Option<(u64, u64, bool)>,
     ops: Vec<Op>,
 }
 
@@ -66,6 +90,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0i64..30_000).prop_map(Op::Advance),
         2 => Just(Op::Sweep),
         1 => Just(Op::End),
+        3 => (0u8..4, proptest::option::of(0u8..2)).prop_map(|(user, key)| Op::OpenGroup { user, key }),
+        5 => (claim_ref(), 0u8..4, 0u8..2).prop_map(|(group, user, key)| Op::JoinGroup { group, user, key }),
+        2 => Just(Op::FailGroups),
     ]
 }
 
@@ -77,16 +104,18 @@ fn case() -> impl Strategy<Value = Case> {
         -5_000i64..5_000,
         proptest::option::of(10_000i64..120_000),
         5u64..60,
+        proptest::option::weighted(0.75, (2u64..=3, 1u64..30, any::<bool>())),
         proptest::collection::vec(op(), 1..40),
     )
         .prop_map(
-            |(stock, limit, hold_secs, starts_in, ends_in, key_ttl_secs, ops)| Case {
+            |(stock, limit, hold_secs, starts_in, ends_in, key_ttl_secs, group, ops)| Case {
                 stock,
                 limit,
                 hold_secs,
                 starts_in,
                 ends_in,
                 key_ttl_secs,
+                group,
                 ops,
             },
         )
@@ -119,7 +148,7 @@ async fn run_case(
     red: &RedisStore,
 ) -> Result<(), TestCaseError> {
     let drop_id = format!("case{n}");
-    let users: Vec<String> = (0..3).map(|u| format!("c{n}u{u}")).collect();
+    let users: Vec<String> = (0..4).map(|u| format!("c{n}u{u}")).collect();
     let mut now = T0;
     let drop = Drop {
         id: drop_id.clone(),
@@ -133,8 +162,20 @@ async fn run_case(
         starts_at: T0 + case.starts_in,
         ends_at: case.ends_in.map(|e| T0 + e),
         hold_secs: case.hold_secs,
-        kind: DropKind::Flash,
+        kind: if case.group.is_some() {
+            DropKind::Group
+        } else {
+            DropKind::Flash
+        },
         created_at: T0 - 1,
+        group: case
+            .group
+            .map(|(size, window_secs, allow_solo)| GroupTerms {
+                size,
+                price: 300,
+                window_secs,
+                allow_solo,
+            }),
     };
     check!(
         "create_drop",
@@ -149,6 +190,24 @@ async fn run_case(
 
     let mut requests: Vec<ClaimRequest> = Vec::new();
     let mut claim_ids: Vec<String> = Vec::new();
+    let mut group_ids: Vec<String> = Vec::new();
+    let group_req = |target: String, user: u8, key: Option<String>, now: Millis| GroupRequest {
+        target,
+        user: User {
+            id: users[user as usize].clone(),
+            name: users[user as usize].clone(),
+        },
+        key,
+        now,
+        key_ttl_secs: case.key_ttl_secs,
+    };
+    let group_id = |r: &ClaimRef, ids: &[String]| match r {
+        ClaimRef::Known(i) if !ids.is_empty() => ids[i % ids.len()].clone(),
+        ClaimRef::Known(_) | ClaimRef::Bogus(0) => format!("{drop_id}.g999"),
+        ClaimRef::Bogus(1) => format!("nodrop{n}.g1"),
+        ClaimRef::Bogus(2) => format!("{drop_id}.1"),
+        ClaimRef::Bogus(_) => "garbage".to_string(),
+    };
     let claim_id = |r: &ClaimRef, ids: &[String]| match r {
         ClaimRef::Known(i) if !ids.is_empty() => ids[i % ids.len()].clone(),
         ClaimRef::Known(_) | ClaimRef::Bogus(0) => format!("{drop_id}.999"),
@@ -223,6 +282,39 @@ async fn run_case(
                     red.end_drop(&drop_id, now).await
                 );
             }
+            Op::OpenGroup { user, key } => {
+                let req = group_req(drop_id.clone(), *user, key.map(|k| format!("o{k}")), now);
+                let r = same!(
+                    &what,
+                    mem.open_group(&req).await,
+                    red.open_group(&req).await
+                );
+                if let Ok(a) = r
+                    && !group_ids.contains(&a.group.group_id)
+                {
+                    group_ids.push(a.group.group_id);
+                }
+            }
+            Op::JoinGroup { group, user, key } => {
+                let req = group_req(
+                    group_id(group, &group_ids),
+                    *user,
+                    Some(format!("j{key}")),
+                    now,
+                );
+                check!(
+                    &what,
+                    mem.join_group(&req).await,
+                    red.join_group(&req).await
+                );
+            }
+            Op::FailGroups => {
+                check!(
+                    &what,
+                    mem.fail_groups(&drop_id, now).await,
+                    red.fail_groups(&drop_id, now).await
+                );
+            }
         }
         let st = same!(
             format!("{what}: get_drop"),
@@ -255,6 +347,23 @@ async fn run_case(
             red.get_claim(id).await
         );
     }
+    check!(
+        "drop_groups",
+        mem.drop_groups(&drop_id).await,
+        red.drop_groups(&drop_id).await
+    );
+    for id in &group_ids {
+        check!(
+            "get_group",
+            mem.get_group(id).await,
+            red.get_group(id).await
+        );
+    }
+    check!(
+        "sweepable_drops",
+        mem.sweepable_drops().await.map(|d| d.contains(&drop_id)),
+        red.sweepable_drops().await.map(|d| d.contains(&drop_id))
+    );
     let room = format!("room{n}");
     check!(
         "room_drops",

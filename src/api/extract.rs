@@ -43,6 +43,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+/// The `Idempotency-Key` header, if sent (claims and joins require it, opens may use it).
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get("idempotency-key").and_then(|v| v.to_str().ok())
+}
+
 /// Where the request came from, as resolved by the `limits::http_limit` middleware.
 pub struct Client(pub ClientAddr);
 

@@ -4,6 +4,7 @@
 
 mod commerce;
 mod extract;
+mod groups;
 mod moderation;
 mod rooms;
 mod ws;
@@ -37,6 +38,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/claims/{claim}/confirm", post(commerce::confirm))
         .route("/api/claims/{claim}", delete(commerce::release))
         .route("/api/me/claims", get(commerce::my_claims))
+        .route(
+            "/api/drops/{drop}/groups",
+            post(groups::open).get(groups::list),
+        )
+        .route("/api/groups/{group}", get(groups::show))
+        .route("/api/groups/{group}/join", post(groups::join))
         .route("/api/rooms/{room}/stats", get(moderation::stats))
         .route("/api/rooms/{room}/moderation", get(moderation::report))
         .route("/api/rooms/{room}/rules", put(moderation::set_rules))

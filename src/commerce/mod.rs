@@ -12,6 +12,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+pub mod groups;
+
 use crate::bus::{Bus, Event, EventKind};
 use crate::error::{AppError, AppResult};
 use crate::model::{Claim, Drop, DropKind, DropState, Millis, StockLevels, User, now_millis};
@@ -44,6 +46,14 @@ pub struct NewDrop {
     pub hold_secs: u64,
     #[serde(default = "default_kind")]
     pub kind: DropKind,
+    /// Group drops only: members per group (2..=100).
+    pub group_size: Option<u64>,
+    /// Group drops only: price per unit when the group fills (minor units).
+    pub group_price: Option<i64>,
+    /// Group drops only: seconds a group has to fill after it opens (default 3600).
+    pub group_window_secs: Option<u64>,
+    /// Group drops only: whether a viewer may also claim alone at `price` (default false).
+    pub allow_solo: Option<bool>,
 }
 
 fn default_currency() -> String {
@@ -93,6 +103,7 @@ impl NewDrop {
     /// Checks every field and builds the drop record.
     pub fn into_drop(self, room: &str, now: Millis) -> AppResult<Drop> {
         let bad = |m: &str| AppError::unprocessable("bad_drop", m.to_string());
+        let group = groups::group_terms(&self)?;
         let id = match self.id {
             Some(id) => {
                 check_id("drop id", &id)?;
@@ -116,12 +127,6 @@ impl NewDrop {
         }
         if !(1..=86_400).contains(&self.hold_secs) {
             return Err(bad("hold_secs must be 1..=86400"));
-        }
-        if self.kind != DropKind::Flash {
-            return Err(AppError::unprocessable(
-                "unsupported_kind",
-                "only kind \"flash\" is supported",
-            ));
         }
         let starts_at = match &self.starts_at {
             Some(s) => parse_time("starts_at", s)?,
@@ -148,8 +153,19 @@ impl NewDrop {
             hold_secs: self.hold_secs,
             kind: self.kind,
             created_at: now,
+            group,
         })
     }
+}
+
+/// Refuses an `Idempotency-Key` that could not be part of a store key.
+pub fn check_key(key: &str) -> AppResult<()> {
+    check_id("Idempotency-Key", key).map_err(|_| {
+        AppError::bad_request(
+            "bad_idempotency_key",
+            "Idempotency-Key must match [A-Za-z0-9_-]{1,64}",
+        )
+    })
 }
 
 /// Validates a claim quantity given as raw JSON: an integer in 1..=1000.
@@ -183,7 +199,7 @@ pub fn drop_json(s: &DropState) -> serde_json::Value {
         "ends_at": d.ends_at.map(format_time),
         "total": s.levels.total, "remaining": s.levels.remaining,
         "reserved": s.levels.reserved, "sold": s.levels.sold,
-        "ended": s.ended,
+        "ended": s.ended, "group": d.group,
     })
 }
 
@@ -283,12 +299,7 @@ impl Commerce {
         key: &str,
     ) -> AppResult<Reservation> {
         check_id("drop id", drop).map_err(|_| AppError::not_found("drop"))?;
-        check_id("Idempotency-Key", key).map_err(|_| {
-            AppError::bad_request(
-                "bad_idempotency_key",
-                "Idempotency-Key must match [A-Za-z0-9_-]{1,64}",
-            )
-        })?;
+        check_key(key)?;
         let qty = parse_qty(qty)?;
         if let Some(holders) = self.finished.get(drop)
             && !holders.contains(&user.id)
@@ -440,6 +451,7 @@ impl Commerce {
                     }
                 }
             }
+            self.fail_due_groups(&drop).await;
         }
     }
 

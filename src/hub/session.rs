@@ -13,13 +13,15 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::auth::{Identity, Role};
 use crate::bus::{Event, EventKind};
+use crate::commerce::groups::group_json;
 use crate::commerce::{claim_json, drop_json, is_live};
 use crate::error::{AppError, AppResult};
 use crate::limits::ClientAddr;
 use crate::model::{Room, User, now_millis};
-use crate::moderation::admit_claim;
+use crate::moderation::{admit_claim, admit_join};
 use crate::protocol::{ClientMessage, CommandResult, MAX_LIKES_PER_FRAME, ServerMessage, Snapshot};
 use crate::state::AppState;
+use crate::store::GroupAnswer;
 
 /// Chat messages in a welcome without `since`.
 pub const WELCOME_CHAT: usize = 50;
@@ -68,13 +70,10 @@ pub async fn snapshot(
     let seq = chat.last().map(|m| m.seq).unwrap_or(seq_before);
     let chat = state.moderation.visible(&room.id, chat).await?;
     let now = now_millis();
-    let drops = store
-        .room_drops(&room.id)
-        .await?
-        .iter()
-        .filter(|d| is_live(d, now))
-        .map(drop_json)
-        .collect();
+    let mut live = store.room_drops(&room.id).await?;
+    live.retain(|d| is_live(d, now));
+    let groups = state.commerce.open_groups_json(&live).await?;
+    let drops = live.iter().map(drop_json).collect();
     Ok(Snapshot {
         room: room.clone(),
         viewers: state.hub.viewers(&room.id),
@@ -83,6 +82,7 @@ pub async fn snapshot(
         seq,
         recovered,
         drops,
+        groups,
         you: you.clone(),
     })
 }
@@ -485,25 +485,29 @@ impl Reader {
                 self.reply(command_result(claim, result.map(|t| claim_json(&t.claim))))
                     .await
             }
+            ClientMessage::OpenGroup { drop, key } => {
+                let result = match admit_claim(state, &self.identity, self.addr, &drop).await {
+                    Ok(()) => state.commerce.open_group(user, &drop, Some(&key)).await,
+                    Err(e) => Err(e),
+                };
+                self.reply(group_result(key, result)).await
+            }
+            ClientMessage::JoinGroup { group, key } => {
+                let result = match admit_join(state, &self.identity, self.addr, &group).await {
+                    Ok(()) => state.commerce.join_group(user, &group, &key).await,
+                    Err(e) => Err(e),
+                };
+                self.reply(group_result(key, result)).await
+            }
         }
     }
 }
 
 fn command_result(key: String, result: AppResult<serde_json::Value>) -> ServerMessage {
-    ServerMessage::ClaimResult(match result {
-        Ok(claim) => CommandResult {
-            key,
-            ok: true,
-            claim: Some(claim),
-            code: None,
-            message: None,
-        },
-        Err(e) => CommandResult {
-            key,
-            ok: false,
-            claim: None,
-            code: Some(e.code),
-            message: Some(e.message),
-        },
-    })
+    ServerMessage::ClaimResult(CommandResult::new(key, result, false))
+}
+
+fn group_result(key: String, result: AppResult<GroupAnswer>) -> ServerMessage {
+    let result = result.map(|a| group_json(&a.group));
+    ServerMessage::GroupResult(CommandResult::new(key, result, true))
 }

@@ -409,6 +409,17 @@ pub async fn admit_claim(
     Ok(())
 }
 
+/// Admits a group join like a claim on the group's drop (a join takes a unit too).
+pub async fn admit_join(
+    state: &AppState,
+    who: &Identity,
+    addr: ClientAddr,
+    group: &str,
+) -> AppResult<()> {
+    let drop = crate::store::group_drop(group).ok_or_else(|| AppError::not_found("group"))?;
+    admit_claim(state, who, addr, drop).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

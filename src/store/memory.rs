@@ -8,10 +8,14 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{ClaimRequest, Reservation, SWEEP_BATCH, Store, Sweep, Transition, claim_drop};
+use super::{
+    ClaimRequest, GroupAnswer, GroupRequest, GroupSweep, Reservation, SWEEP_BATCH, Store, Sweep,
+    Transition, claim_drop, group_drop,
+};
 use crate::error::{AppError, AppResult};
 use crate::model::{
-    ChatMessage, Claim, ClaimStatus, Drop, DropState, LedgerEntry, Millis, Room, StockLevels, User,
+    ChatMessage, Claim, ClaimStatus, Drop, DropState, Group, GroupStatus, LedgerEntry, Millis,
+    Room, StockLevels, User,
 };
 
 struct RoomData {
@@ -38,6 +42,12 @@ struct DropData {
     per_user: HashMap<String, u64>,
     idem: HashMap<(String, String), IdemRecord>,
     ledger: Vec<LedgerEntry>,
+    next_group: u64,
+    groups: HashMap<String, Group>,
+    /// Open groups by deadline: (expires_at, group number, group id).
+    group_due: BTreeSet<(Millis, u64, String)>,
+    /// Group idempotency records: (user, `open:KEY` or `GROUP:KEY`) -> (group id, expiry).
+    group_idem: HashMap<(String, String), (String, Millis)>,
 }
 
 impl DropData {
@@ -56,7 +66,100 @@ impl DropData {
             user: claim.map(|c| c.user.clone()),
             qty,
             ts,
+            group: None,
         });
+    }
+
+    fn log_group(&mut self, op: &str, group: &str, user: Option<&str>, qty: u64, ts: Millis) {
+        self.ledger.push(LedgerEntry {
+            op: op.to_string(),
+            claim_id: None,
+            user: user.map(str::to_string),
+            qty,
+            ts,
+            group: Some(group.to_string()),
+        });
+    }
+
+    /// `ended` or `not_started` when the sale window does not include `now`.
+    fn check_window(&self, now: Millis) -> AppResult<()> {
+        if self.ended || self.drop.ends_at.is_some_and(|e| now >= e) {
+            return Err(AppError::conflict("ended", "this drop has ended"));
+        }
+        if now < self.drop.starts_at {
+            return Err(AppError::conflict(
+                "not_started",
+                "this drop has not started",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `limit_reached` or `sold_out` when `user` cannot take `qty` more units.
+    fn check_units(&self, user: &str, qty: u64) -> AppResult<()> {
+        let held = self.per_user.get(user).copied().unwrap_or(0);
+        if held + qty > self.drop.per_user_limit {
+            return Err(AppError::conflict(
+                "limit_reached",
+                format!("at most {} per person", self.drop.per_user_limit),
+            ));
+        }
+        if self.levels.remaining < qty {
+            return Err(AppError::conflict("sold_out", "not enough stock left"));
+        }
+        Ok(())
+    }
+
+    /// Moves units from remaining to reserved and counts them for the user.
+    fn reserve_units(&mut self, user: &str, qty: u64) {
+        self.levels.remaining -= qty;
+        self.levels.reserved += qty;
+        *self.per_user.entry(user.to_string()).or_insert(0) += qty;
+    }
+
+    /// Moves reserved units back to remaining and stops counting them for the user.
+    fn return_units(&mut self, user: &str, qty: u64) {
+        self.levels.reserved -= qty;
+        self.levels.remaining += qty;
+        if let Some(n) = self.per_user.get_mut(user) {
+            *n = n.saturating_sub(qty);
+            if *n == 0 {
+                self.per_user.remove(user);
+            }
+        }
+    }
+
+    /// The live group idempotency record for `scope`, forgetting a dead one.
+    fn group_replay(&mut self, scope: &Option<(String, String)>, now: Millis) -> Option<String> {
+        let scope = scope.as_ref()?;
+        match self.group_idem.get(scope) {
+            Some((gid, exp)) if *exp > now => Some(gid.clone()),
+            Some(_) => {
+                self.group_idem.remove(scope);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember_group(&mut self, scope: Option<(String, String)>, req: &GroupRequest, gid: &str) {
+        if let Some(scope) = scope {
+            let exp = req.now + (req.key_ttl_secs as Millis) * 1000;
+            self.group_idem.insert(scope, (gid.to_string(), exp));
+        }
+    }
+
+    fn group_answer(&self, gid: &str, replay: bool) -> AppResult<GroupAnswer> {
+        let group = self
+            .groups
+            .get(gid)
+            .cloned()
+            .ok_or_else(|| AppError::internal("idempotency record without group"))?;
+        Ok(GroupAnswer {
+            group,
+            levels: self.levels,
+            replay,
+        })
     }
 
     /// Returns a reserved claim's units to stock with the given final status.
@@ -68,14 +171,7 @@ impl DropData {
         }
         let claim = out.unwrap_or_else(|| unreachable_claim(claim_id));
         self.holds.remove(&hold_key(&claim));
-        self.levels.reserved -= claim.qty;
-        self.levels.remaining += claim.qty;
-        if let Some(n) = self.per_user.get_mut(&claim.user) {
-            *n = n.saturating_sub(claim.qty);
-            if *n == 0 {
-                self.per_user.remove(&claim.user);
-            }
-        }
+        self.return_units(&claim.user, claim.qty);
         self.log(op, Some(&claim), claim.qty, now);
         claim
     }
@@ -91,6 +187,22 @@ fn unreachable_claim(claim_id: &str) -> Claim {
         status: ClaimStatus::Released,
         created_at: 0,
         expires_at: 0,
+    }
+}
+
+fn solo_not_allowed() -> AppError {
+    AppError::conflict(
+        "solo_not_allowed",
+        "this drop is sold only in groups: open or join one",
+    )
+}
+
+/// A `not_found` from `with_drop` names the group, not its drop.
+fn group_not_found(e: AppError) -> AppError {
+    if e.code == "not_found" {
+        AppError::not_found("group")
+    } else {
+        e
     }
 }
 
@@ -271,6 +383,10 @@ impl Store for MemoryStore {
             per_user: HashMap::new(),
             idem: HashMap::new(),
             ledger: Vec::new(),
+            next_group: 0,
+            groups: HashMap::new(),
+            group_due: BTreeSet::new(),
+            group_idem: HashMap::new(),
         };
         data.log("create", None, drop.stock, drop.created_at);
         let state = data.state();
@@ -319,7 +435,7 @@ impl Store for MemoryStore {
         let mut out = Vec::new();
         for entry in self.drops.iter() {
             if let Ok(d) = entry.value().lock()
-                && !d.holds.is_empty()
+                && (!d.holds.is_empty() || !d.group_due.is_empty())
             {
                 out.push(entry.key().clone());
             }
@@ -360,25 +476,11 @@ impl Store for MemoryStore {
                 }
                 d.idem.remove(&idem_key);
             }
-            if d.ended || d.drop.ends_at.is_some_and(|e| req.now >= e) {
-                return Err(AppError::conflict("ended", "this drop has ended"));
+            if d.drop.group.is_some_and(|g| !g.allow_solo) {
+                return Err(solo_not_allowed());
             }
-            if req.now < d.drop.starts_at {
-                return Err(AppError::conflict(
-                    "not_started",
-                    "this drop has not started",
-                ));
-            }
-            let held = d.per_user.get(&req.user.id).copied().unwrap_or(0);
-            if held + req.qty > d.drop.per_user_limit {
-                return Err(AppError::conflict(
-                    "limit_reached",
-                    format!("at most {} per person", d.drop.per_user_limit),
-                ));
-            }
-            if d.levels.remaining < req.qty {
-                return Err(AppError::conflict("sold_out", "not enough stock left"));
-            }
+            d.check_window(req.now)?;
+            d.check_units(&req.user.id, req.qty)?;
             d.next_claim += 1;
             let claim = Claim {
                 claim_id: super::claim_id(&d.drop.id, d.next_claim),
@@ -389,9 +491,7 @@ impl Store for MemoryStore {
                 created_at: req.now,
                 expires_at: req.now + (d.drop.hold_secs as Millis) * 1000,
             };
-            d.levels.remaining -= req.qty;
-            d.levels.reserved += req.qty;
-            *d.per_user.entry(req.user.id.clone()).or_insert(0) += req.qty;
+            d.reserve_units(&req.user.id, req.qty);
             d.holds.insert(hold_key(&claim));
             d.claims.insert(claim.claim_id.clone(), claim.clone());
             d.idem.insert(
@@ -586,4 +686,158 @@ impl Store for MemoryStore {
             .map(|m| m.1.iter().take(n).cloned().collect())
             .unwrap_or_default())
     }
+
+    async fn open_group(&self, req: &GroupRequest) -> AppResult<GroupAnswer> {
+        self.with_drop(&req.target, |d| {
+            let scope = req
+                .key
+                .as_ref()
+                .map(|k| (req.user.id.clone(), format!("open:{k}")));
+            if let Some(gid) = d.group_replay(&scope, req.now) {
+                return d.group_answer(&gid, true);
+            }
+            let Some(terms) = d.drop.group else {
+                return Err(AppError::conflict(
+                    "not_group",
+                    "this drop is not sold in groups",
+                ));
+            };
+            d.check_window(req.now)?;
+            d.check_units(&req.user.id, 1)?;
+            d.next_group += 1;
+            let n = d.next_group;
+            let gid = super::group_id(&d.drop.id, n);
+            let deadline = req.now + (terms.window_secs as Millis) * 1000;
+            let group = Group {
+                group_id: gid.clone(),
+                drop: d.drop.id.clone(),
+                size: terms.size,
+                price: terms.price,
+                members: vec![req.user.id.clone()],
+                status: GroupStatus::Open,
+                created_at: req.now,
+                expires_at: d.drop.ends_at.map_or(deadline, |e| e.min(deadline)),
+            };
+            d.reserve_units(&req.user.id, 1);
+            d.group_due.insert((group.expires_at, n, gid.clone()));
+            d.groups.insert(gid.clone(), group);
+            d.remember_group(scope, req, &gid);
+            d.log_group("group_open", &gid, Some(&req.user.id), 1, req.now);
+            d.group_answer(&gid, false)
+        })?
+    }
+
+    async fn join_group(&self, req: &GroupRequest) -> AppResult<GroupAnswer> {
+        let gid = req.target.as_str();
+        let drop = group_drop(gid).ok_or_else(|| AppError::not_found("group"))?;
+        self.with_drop(drop, |d| {
+            let Some(group) = d.groups.get(gid).cloned() else {
+                return Err(AppError::not_found("group"));
+            };
+            let scope = req
+                .key
+                .as_ref()
+                .map(|k| (req.user.id.clone(), format!("{gid}:{k}")));
+            if let Some(gid) = d.group_replay(&scope, req.now) {
+                return d.group_answer(&gid, true);
+            }
+            match group.status {
+                GroupStatus::Completed => return Err(group_full()),
+                GroupStatus::Failed => return Err(group_closed()),
+                GroupStatus::Open if req.now >= group.expires_at => return Err(group_closed()),
+                GroupStatus::Open => {}
+            }
+            if group.members.contains(&req.user.id) {
+                return Err(AppError::conflict(
+                    "already_member",
+                    "you are already in this group",
+                ));
+            }
+            if d.ended || d.drop.ends_at.is_some_and(|e| req.now >= e) {
+                return Err(AppError::conflict("ended", "this drop has ended"));
+            }
+            d.check_units(&req.user.id, 1)?;
+            d.reserve_units(&req.user.id, 1);
+            let mut group = group;
+            group.members.push(req.user.id.clone());
+            d.log_group("group_join", gid, Some(&req.user.id), 1, req.now);
+            if group.members.len() as u64 >= group.size {
+                // The last place: every member's unit is sold in this same step.
+                group.status = GroupStatus::Completed;
+                d.levels.reserved -= group.size;
+                d.levels.sold += group.size;
+                let n = super::group_number(gid);
+                d.group_due.remove(&(group.expires_at, n, gid.to_string()));
+                d.log_group("group_complete", gid, None, group.size, req.now);
+            }
+            d.groups.insert(gid.to_string(), group);
+            d.remember_group(scope, req, gid);
+            d.group_answer(gid, false)
+        })
+        .map_err(group_not_found)?
+    }
+
+    async fn get_group(&self, group_id: &str) -> AppResult<Option<Group>> {
+        let Some(drop) = group_drop(group_id) else {
+            return Ok(None);
+        };
+        match self.with_drop(drop, |d| d.groups.get(group_id).cloned()) {
+            Ok(g) => Ok(g),
+            Err(e) if e.code == "not_found" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn drop_groups(&self, drop: &str) -> AppResult<Vec<Group>> {
+        let mut groups = self.with_drop(drop, |d| {
+            d.group_due
+                .iter()
+                .filter_map(|(_, _, gid)| d.groups.get(gid).cloned())
+                .collect::<Vec<_>>()
+        })?;
+        super::sort_groups(&mut groups);
+        Ok(groups)
+    }
+
+    async fn fail_groups(&self, drop: &str, now: Millis) -> AppResult<GroupSweep> {
+        self.with_drop(drop, |d| {
+            let due: Vec<(Millis, u64, String)> = d
+                .group_due
+                .iter()
+                .take_while(|(exp, _, _)| *exp <= now)
+                .take(SWEEP_BATCH)
+                .cloned()
+                .collect();
+            let mut failed = Vec::with_capacity(due.len());
+            for key in due {
+                d.group_due.remove(&key);
+                let Some(mut group) = d.groups.get(&key.2).cloned() else {
+                    continue;
+                };
+                if group.status != GroupStatus::Open {
+                    continue;
+                }
+                group.status = GroupStatus::Failed;
+                for member in &group.members {
+                    d.return_units(member, 1);
+                }
+                let qty = group.members.len() as u64;
+                d.log_group("group_fail", &group.group_id, None, qty, now);
+                d.groups.insert(group.group_id.clone(), group.clone());
+                failed.push(group);
+            }
+            GroupSweep {
+                failed,
+                levels: d.levels,
+            }
+        })
+    }
+}
+
+fn group_full() -> AppError {
+    AppError::conflict("group_full", "this group is full: it has completed")
+}
+
+fn group_closed() -> AppError {
+    AppError::conflict("group_closed", "this group failed: its deadline passed")
 }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use crate::error::AppResult;
 use crate::model::{
-    ChatMessage, Claim, Drop, DropState, LedgerEntry, Millis, Room, StockLevels, User,
+    ChatMessage, Claim, Drop, DropState, Group, LedgerEntry, Millis, Room, StockLevels, User,
 };
 
 /// A request to reserve units of a drop.
@@ -53,6 +53,38 @@ pub struct Sweep {
     pub expired: Vec<Claim>,
     pub levels: StockLevels,
 }
+
+/// A request to open a group (`target` is the drop) or join one (`target` is the group).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRequest {
+    pub target: String,
+    pub user: User,
+    /// Idempotency key, scoped to (user, drop) for an open and (user, group) for a join;
+    /// `None` makes the request a plain attempt.
+    pub key: Option<String>,
+    pub now: Millis,
+    /// How long the key is remembered, in seconds.
+    pub key_ttl_secs: u64,
+}
+
+/// A successful open or join: the group right after it (completed when this join filled
+/// it), the drop's counters, and whether this is the replay of an earlier request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupAnswer {
+    pub group: Group,
+    pub levels: StockLevels,
+    pub replay: bool,
+}
+
+/// What a group sweep failed and returned to stock.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct GroupSweep {
+    pub failed: Vec<Group>,
+    pub levels: StockLevels,
+}
+
+/// Most groups `drop_groups` lists.
+pub const GROUPS_LIST_MAX: usize = 100;
 
 /// Most claims `user_claims` returns (the newest): a load-test user may hold millions.
 pub const USER_CLAIMS_MAX: usize = 200;
@@ -136,6 +168,60 @@ pub trait Store: Send + Sync + 'static {
     async fn append_mod_log(&self, room: &str, entry: &str, keep: usize) -> AppResult<()>;
     /// The newest `n` entries of a room's moderation log, newest first.
     async fn mod_log(&self, room: &str, n: usize) -> AppResult<Vec<String>>;
+
+    // ---- group buys ----
+
+    /// Opens a group on a `group` drop with the caller as leader, reserving their unit at
+    /// once. Refusals: `not_found`, `not_group`, `ended`, `not_started`, `limit_reached`,
+    /// `sold_out`.
+    async fn open_group(&self, req: &GroupRequest) -> AppResult<GroupAnswer>;
+    /// Joins a group, reserving one unit; the join that fills the last place completes the
+    /// group in the same atomic step (every member's unit sold). Refusals: `not_found`,
+    /// `group_full` (completed), `group_closed` (failed or past its deadline),
+    /// `already_member`, `ended`, `limit_reached`, `sold_out`.
+    async fn join_group(&self, req: &GroupRequest) -> AppResult<GroupAnswer>;
+    /// A group in any status (`None` for an unknown or malformed id): what a shared link
+    /// shows.
+    async fn get_group(&self, group_id: &str) -> AppResult<Option<Group>>;
+    /// A drop's open groups, fullest first (then nearest deadline, then oldest), at most
+    /// `GROUPS_LIST_MAX`.
+    async fn drop_groups(&self, drop: &str) -> AppResult<Vec<Group>>;
+    /// Fails at most `SWEEP_BATCH` open groups whose deadline passed `now`, returning every
+    /// member's unit to stock, once per group however many sweepers run.
+    async fn fail_groups(&self, drop: &str, now: Millis) -> AppResult<GroupSweep>;
+}
+
+/// Splits a group id `DROP.gN` into its drop id; `None` for anything else.
+pub fn group_drop(group_id: &str) -> Option<&str> {
+    let (drop, n) = group_id.rsplit_once(".g")?;
+    (crate::protocol::is_valid_id(drop)
+        && !n.is_empty()
+        && n.len() <= 20
+        && n.bytes().all(|b| b.is_ascii_digit()))
+    .then_some(drop)
+}
+
+/// Builds the group id of the `n`th group of a drop.
+pub fn group_id(drop: &str, n: u64) -> String {
+    format!("{drop}.g{n}")
+}
+
+/// The number `N` of a group id `DROP.gN` (0 for anything else).
+pub fn group_number(group_id: &str) -> u64 {
+    group_id
+        .rsplit_once(".g")
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sorts groups for listing: fullest first, then nearest deadline, then oldest; both
+/// engines list through this so their orders agree.
+pub fn sort_groups(groups: &mut Vec<Group>) {
+    let n = |g: &Group| group_number(&g.group_id);
+    groups.sort_by(|a, b| {
+        (b.members.len(), a.expires_at, n(a)).cmp(&(a.members.len(), b.expires_at, n(b)))
+    });
+    groups.truncate(GROUPS_LIST_MAX);
 }
 
 /// Splits a claim id `DROP.N` into its drop id; `None` for anything else.
@@ -182,5 +268,9 @@ mod tests {
         assert_eq!(claim_drop("d:1.5"), None);
         assert_eq!(claim_drop("d1.x"), None);
         assert_eq!(claim_drop("d1."), None);
+        assert_eq!(group_drop(&group_id("d-g1", 3)), Some("d-g1"));
+        assert_eq!(group_drop("d1.1"), None);
+        assert_eq!(group_drop("d1.g"), None);
+        assert_eq!(claim_drop(&group_id("d1", 3)), None);
     }
 }

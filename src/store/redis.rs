@@ -2,7 +2,8 @@
 //! server instances. This module owns the key layout, the Lua scripts (in `lua/`) and the
 //! decoding of their replies.
 //!
-//! Every state transition of a drop (create, claim, confirm, release, expire, end) is ONE
+//! Every state transition of a drop (create, claim, confirm, release, expire, end, group
+//! open, join (and complete), fail) is ONE
 //! Lua script: atomic, checking every precondition before its first write, touching only
 //! keys that share the drop's hash tag `{drop:ID}`, and appending the transition to the
 //! drop's ledger stream in the same script. The rules, refusal codes and order of checks are
@@ -11,13 +12,18 @@
 //!
 //! Key layout (`ID` is a drop or room id):
 //! - `ld:{drop:ID}:meta`   hash: `drop` (JSON record), `total`, `remaining`, `reserved`,
-//!   `sold`, `ended`, `next_claim`, and the fields the scripts check (`starts_at`, `ends_at`,
-//!   `limit`, `hold_ms`)
+//!   `sold`, `ended`, `next_claim`, `next_group`, and the fields the scripts check
+//!   (`starts_at`, `ends_at`, `limit`, `hold_ms`, `gsize`, `gprice`, `gwindow_ms`, `solo`)
 //! - `ld:{drop:ID}:claims` hash: claim id -> `status|qty|created_at|expires_at|user`
 //! - `ld:{drop:ID}:holds`  zset: zero-padded claim number scored by `expires_at`
 //! - `ld:{drop:ID}:users`  hash: user -> units held (reserved + sold)
 //! - `ld:{drop:ID}:idem:LEN:USER:KEY` string `qty|expires_at|claim_id` with a TTL
-//! - `ld:{drop:ID}:ledger` stream: `op`, `claim_id`, `user`, `qty`, `ts`
+//! - `ld:{drop:ID}:ledger` stream: `op`, `claim_id`, `user`, `qty`, `ts`, `group`
+//! - `ld:{drop:ID}:groups` hash: group id -> `status|size|price|created|expires|count`
+//! - `ld:{drop:ID}:gmembers` hash: `GID:N` -> N-th member, `GID|USER` -> N
+//! - `ld:{drop:ID}:gdue`   zset: open groups' zero-padded numbers scored by deadline
+//! - `ld:{drop:ID}:idem:LEN:USER:open:KEY` / `…:GID:KEY` group idempotency records
+//!   `expires_at|group id` (the `:` keeps them apart from claim keys, which have none)
 //! - `ld:{room:ID}:meta`   hash: `room` (JSON record), `seq`, `likes`
 //! - `ld:{room:ID}:chat`   stream, entry id `SEQ-0`, capped at exactly `history` entries
 //! - `ld:{room:ID}:mod`    hash: moderation record (`ban:USER`, `mute:USER`, `rules`, `del:MSG`)
@@ -51,10 +57,14 @@ use redis::{RedisResult, Script, Value};
 mod claim_batch;
 
 use self::claim_batch::{ClaimBatcher, ClaimRunner};
-use super::{ClaimRequest, Reservation, SWEEP_BATCH, Store, Sweep, Transition, claim_drop};
+use super::{
+    ClaimRequest, GroupAnswer, GroupRequest, GroupSweep, Reservation, SWEEP_BATCH, Store, Sweep,
+    Transition, claim_drop, group_drop,
+};
 use crate::error::{AppError, AppResult};
 use crate::model::{
-    ChatMessage, Claim, ClaimStatus, Drop, DropState, LedgerEntry, Millis, Room, StockLevels, User,
+    ChatMessage, Claim, ClaimStatus, Drop, DropState, Group, GroupStatus, LedgerEntry, Millis,
+    Room, StockLevels, User,
 };
 
 /// Builds a script from the shared helpers and one script body. The `#!lua` shebang makes
@@ -64,6 +74,14 @@ macro_rules! lua_script {
         Script::new(concat!(
             "#!lua\n",
             include_str!("lua/common.lua"),
+            include_str!(concat!("lua/", $file))
+        ))
+    };
+    (group $file:literal) => {
+        Script::new(concat!(
+            "#!lua\n",
+            include_str!("lua/common.lua"),
+            include_str!("lua/groups.lua"),
             include_str!(concat!("lua/", $file))
         ))
     };
@@ -81,6 +99,10 @@ struct Scripts {
     append_chat: Script,
     add_likes: Script,
     append_once: Script,
+    open_group: Script,
+    join_group: Script,
+    fail_groups: Script,
+    read_groups: Script,
 }
 
 impl Scripts {
@@ -95,10 +117,14 @@ impl Scripts {
             append_chat: lua_script!("append_chat.lua"),
             add_likes: lua_script!("add_likes.lua"),
             append_once: lua_script!("append_once.lua"),
+            open_group: lua_script!(group "open_group.lua"),
+            join_group: lua_script!(group "join_group.lua"),
+            fail_groups: lua_script!(group "fail_groups.lua"),
+            read_groups: lua_script!(group "read_groups.lua"),
         }
     }
 
-    fn all(&self) -> [&Script; 9] {
+    fn all(&self) -> [&Script; 13] {
         [
             &self.create_drop,
             &self.claim,
@@ -109,6 +135,10 @@ impl Scripts {
             &self.append_chat,
             &self.add_likes,
             &self.append_once,
+            &self.open_group,
+            &self.join_group,
+            &self.fail_groups,
+            &self.read_groups,
         ]
     }
 }
@@ -133,6 +163,9 @@ struct DropKeys {
     holds: String,
     users: String,
     ledger: String,
+    groups: String,
+    gmembers: String,
+    gdue: String,
 }
 
 impl DropKeys {
@@ -144,7 +177,23 @@ impl DropKeys {
             holds: format!("{p}:holds"),
             users: format!("{p}:users"),
             ledger: format!("{p}:ledger"),
+            groups: format!("{p}:groups"),
+            gmembers: format!("{p}:gmembers"),
+            gdue: format!("{p}:gdue"),
         }
+    }
+
+    /// The keys every group transition touches, in the scripts' order.
+    fn group_keys<'a>(&'a self, idem: &'a str) -> [&'a str; 7] {
+        [
+            &self.meta,
+            &self.users,
+            &self.groups,
+            &self.gmembers,
+            &self.gdue,
+            idem,
+            &self.ledger,
+        ]
     }
 
     /// The idempotency record of (user, drop, key). The user id is length-prefixed so that
@@ -332,6 +381,49 @@ fn ledger_entry(f: &[(String, String)]) -> AppResult<LedgerEntry> {
         ts: field(f, "ts")
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| bad_reply("ledger ts"))?,
+        group: field(f, "group").map(str::to_string),
+    })
+}
+
+/// Decodes one group of a script reply starting at `i` (`gid, status, size, price, created,
+/// expires, count, members…`); returns it and the index after it.
+fn group_at(items: &[Value], i: usize) -> AppResult<(Group, usize)> {
+    let group_id = text(at(items, i)?)?;
+    let status = GroupStatus::parse(&text(at(items, i + 1)?)?).ok_or_else(|| bad_reply("group"))?;
+    let count: usize = int(at(items, i + 6)?)?;
+    let members = (0..count)
+        .map(|k| text(at(items, i + 7 + k)?))
+        .collect::<AppResult<Vec<_>>>()?;
+    let group = Group {
+        drop: group_drop(&group_id).unwrap_or_default().to_string(),
+        group_id,
+        size: int(at(items, i + 2)?)?,
+        price: int(at(items, i + 3)?)?,
+        members,
+        status,
+        created_at: int(at(items, i + 4)?)?,
+        expires_at: int(at(items, i + 5)?)?,
+    };
+    Ok((group, i + 7 + count))
+}
+
+/// Every group of a reply from index `i` on.
+fn groups_from(items: &[Value], mut i: usize) -> AppResult<Vec<Group>> {
+    let mut out = Vec::new();
+    while i < items.len() {
+        let (g, next) = group_at(items, i)?;
+        out.push(g);
+        i = next;
+    }
+    Ok(out)
+}
+
+/// Decodes an open/join reply: `replay, total, remaining, reserved, sold, group…`.
+fn group_answer(items: &[Value]) -> AppResult<GroupAnswer> {
+    Ok(GroupAnswer {
+        replay: text(at(items, 0)?)? == "1",
+        levels: levels_at(items, 1)?,
+        group: group_at(items, 5)?.0,
     })
 }
 
@@ -355,6 +447,16 @@ fn refusal(code: &str, detail: &str) -> AppError {
         "claim_expired" => {
             AppError::conflict("claim_expired", "the hold on this claim has expired")
         }
+        "solo_not_allowed" => AppError::conflict(
+            "solo_not_allowed",
+            "this drop is sold only in groups: open or join one",
+        ),
+        "not_group" => AppError::conflict("not_group", "this drop is not sold in groups"),
+        "group_full" => AppError::conflict("group_full", "this group is full: it has completed"),
+        "group_closed" => {
+            AppError::conflict("group_closed", "this group failed: its deadline passed")
+        }
+        "already_member" => AppError::conflict("already_member", "you are already in this group"),
         other => AppError::internal(format!("{other}: {detail}")),
     }
 }
@@ -486,6 +588,37 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+
+    /// Runs the open or join script: `scope` is what the idempotency key is scoped to
+    /// besides the user (`open` or the group id), `extra` the script's trailing arguments.
+    async fn group_transition(
+        &self,
+        script: &Script,
+        drop: &str,
+        scope: &str,
+        req: &GroupRequest,
+        extra: &[&str],
+    ) -> AppResult<GroupAnswer> {
+        let k = DropKeys::new(drop);
+        let key = req.key.as_deref().unwrap_or_default();
+        let idem = DropKeys::idem(drop, &req.user.id, &format!("{scope}:{key}"));
+        let ttl_ms = (req.key_ttl_secs as Millis).saturating_mul(1000);
+        let now = req.now.to_string();
+        let idem_expires = req.now.saturating_add(ttl_ms).to_string();
+        let ttl_ms = ttl_ms.max(1).to_string();
+        let use_key = if req.key.is_some() { "1" } else { "0" };
+        let mut args = vec![
+            req.target.as_str(),
+            req.user.id.as_str(),
+            &now,
+            &idem_expires,
+            &ttl_ms,
+            use_key,
+        ];
+        args.extend_from_slice(extra);
+        let items = self.eval(script, &k.group_keys(&idem), &args).await?;
+        group_answer(&items)
     }
 
     /// Transition scripts for an existing claim id: confirm and release.
@@ -712,6 +845,17 @@ impl Store for RedisStore {
         let limit = drop.per_user_limit.to_string();
         let hold_ms = (drop.hold_secs as Millis).saturating_mul(1000).to_string();
         let created_at = drop.created_at.to_string();
+        let terms = drop.group;
+        let gsize = terms.map(|g| g.size.to_string()).unwrap_or_default();
+        let gprice = terms.map(|g| g.price.to_string()).unwrap_or_default();
+        let gwindow_ms = terms
+            .map(|g| (g.window_secs as Millis).saturating_mul(1000).to_string())
+            .unwrap_or_default();
+        let solo = if terms.is_some_and(|g| !g.allow_solo) {
+            "0"
+        } else {
+            "1"
+        };
         // Index first (see the module doc): both writes are idempotent.
         let room_list = room_drops_key(&drop.room);
         let _: i64 = self
@@ -730,6 +874,10 @@ impl Store for RedisStore {
                 &limit,
                 &hold_ms,
                 &created_at,
+                &gsize,
+                &gprice,
+                &gwindow_ms,
+                solo,
             ],
         )
         .await
@@ -786,6 +934,8 @@ impl Store for RedisStore {
             let k = DropKeys::new(id);
             pipe.cmd("ZCARD")
                 .arg(k.holds)
+                .cmd("ZCARD")
+                .arg(k.gdue)
                 .cmd("HGET")
                 .arg(k.meta)
                 .arg("ended");
@@ -793,15 +943,17 @@ impl Store for RedisStore {
         let replies = self.query_pipe(&pipe).await?;
         let mut out = Vec::new();
         let mut finished = Vec::new();
-        for (id, pair) in ids.into_iter().zip(replies.chunks(2)) {
-            let [holds, ended] = pair else {
+        for (id, triple) in ids.into_iter().zip(replies.chunks(3)) {
+            let [holds, groups, ended] = triple else {
                 return Err(bad_reply("pipeline"));
             };
             let holds: u64 = int(holds)?;
-            if holds > 0 {
+            let groups: u64 = int(groups)?;
+            if holds > 0 || groups > 0 {
                 out.push(id);
             } else if opt_text(ended)?.as_deref() != Some("0") {
-                // Ended (or gone) with nothing held: it can never hold a reservation again.
+                // Ended (or gone) with nothing held and no open group: it can never hold a
+                // reservation again.
                 finished.push(id);
             }
         }
@@ -951,6 +1103,76 @@ impl Store for RedisStore {
         let mut cmd = redis::cmd("HKEYS");
         cmd.arg(&k.users);
         self.query(&cmd).await
+    }
+
+    async fn open_group(&self, req: &GroupRequest) -> AppResult<GroupAnswer> {
+        self.group_transition(&self.scripts.open_group, &req.target, "open", req, &[])
+            .await
+    }
+
+    async fn join_group(&self, req: &GroupRequest) -> AppResult<GroupAnswer> {
+        let gid = req.target.as_str();
+        let Some(drop) = group_drop(gid) else {
+            return Err(AppError::not_found("group"));
+        };
+        let member = format!("{:020}", super::group_number(gid));
+        self.group_transition(&self.scripts.join_group, drop, gid, req, &[&member])
+            .await
+    }
+
+    async fn get_group(&self, group_id: &str) -> AppResult<Option<Group>> {
+        let Some(drop) = group_drop(group_id) else {
+            return Ok(None);
+        };
+        let k = DropKeys::new(drop);
+        let items = self
+            .eval(
+                &self.scripts.read_groups,
+                &[&k.meta, &k.groups, &k.gmembers, &k.gdue],
+                &[group_id],
+            )
+            .await?;
+        Ok(groups_from(&items, 0)?.into_iter().next())
+    }
+
+    async fn drop_groups(&self, drop: &str) -> AppResult<Vec<Group>> {
+        let k = DropKeys::new(drop);
+        let list = format!("*{drop}");
+        let items = self
+            .eval(
+                &self.scripts.read_groups,
+                &[&k.meta, &k.groups, &k.gmembers, &k.gdue],
+                &[&list],
+            )
+            .await?;
+        let mut groups = groups_from(&items, 0)?;
+        groups.retain(|g| g.status == GroupStatus::Open);
+        super::sort_groups(&mut groups);
+        Ok(groups)
+    }
+
+    async fn fail_groups(&self, drop: &str, now: Millis) -> AppResult<GroupSweep> {
+        let k = DropKeys::new(drop);
+        let now = now.to_string();
+        let batch = SWEEP_BATCH.to_string();
+        let items = self
+            .eval(
+                &self.scripts.fail_groups,
+                &[
+                    &k.meta,
+                    &k.users,
+                    &k.groups,
+                    &k.gmembers,
+                    &k.gdue,
+                    &k.ledger,
+                ],
+                &[&now, drop, &batch],
+            )
+            .await?;
+        Ok(GroupSweep {
+            levels: levels_at(&items, 0)?,
+            failed: groups_from(&items, 4)?,
+        })
     }
 
     async fn moderation(&self, room: &str) -> AppResult<HashMap<String, String>> {

@@ -142,7 +142,6 @@ impl TestServer {
 
     /// An HTTP call without a body as `sub` with `role`: the status and the JSON body
     /// (`Null` when there is none).
-    #[allow(dead_code)]
     pub async fn call(
         &self,
         method: reqwest::Method,
@@ -165,6 +164,33 @@ impl TestServer {
         let res = self.http.get(self.url(path)).send().await.unwrap();
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A drop's counters `(total, remaining, reserved, sold)` from `GET /api/drops/{drop}`.
+    pub async fn levels(&self, drop: &str) -> (u64, u64, u64, u64) {
+        let (status, d) = self.get_json(&format!("/api/drops/{drop}")).await;
+        assert_eq!(status, 200, "{d}");
+        let n = |k: &str| d[k].as_u64().unwrap();
+        (n("total"), n("remaining"), n("reserved"), n("sold"))
+    }
+
+    /// How many entries of `op` the drop's ledger holds, read as its owner `host`.
+    pub async fn ledger_ops(&self, drop: &str, host: &str, op: &str) -> usize {
+        let (status, body) = self
+            .call(
+                reqwest::Method::GET,
+                format!("/api/drops/{drop}/ledger"),
+                host,
+                Role::Host,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["op"] == op)
+            .count()
     }
 
     /// Connects a viewer and reads its welcome frame.
@@ -283,4 +309,37 @@ macro_rules! both_engines {
             }
         }
     };
+}
+
+/// Reads a drop's counters every 5 ms while a test runs, asserting conservation (and so
+/// that no more than the stock is ever reserved or sold) in every sample.
+pub struct ConservationSampler {
+    running: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: JoinHandle<usize>,
+}
+
+impl ConservationSampler {
+    pub fn start(srv: std::sync::Arc<TestServer>, drop: &str) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let running = std::sync::Arc::new(AtomicBool::new(true));
+        let (flag, drop) = (running.clone(), drop.to_string());
+        let handle = tokio::spawn(async move {
+            let mut samples = 0;
+            while flag.load(Ordering::Acquire) {
+                let (t, r, res, s) = srv.levels(&drop).await;
+                assert_eq!(r + res + s, t, "conservation broke mid-run");
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            samples
+        });
+        Self { running, handle }
+    }
+
+    /// Stops sampling; returns how many samples were taken.
+    pub async fn stop(self) -> usize {
+        self.running
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.handle.await.unwrap()
+    }
 }

@@ -1,5 +1,5 @@
 -- Reserves units of a drop for a batch of claims, one after the other, each exactly as if it
--- ran alone: idempotency replay, then ended, not_started, limit_reached, sold_out, in the
+-- ran alone: idempotency replay, then solo_not_allowed (a group-only drop), ended, not_started, limit_reached, sold_out, in the
 -- memory engine's order; on success writes the claim, its hold, the user's count, the
 -- idempotency record and the `claim` ledger entry before the next claim is looked at. A
 -- refusal of one claim never touches the others. A batch of one is the single-claim call.
@@ -18,7 +18,7 @@ if n_claims < 1 or #ARGV ~= 1 + 5 * n_claims then
 end
 
 local m = redis.call('HMGET', meta, 'total', 'remaining', 'reserved', 'sold', 'ended',
-  'starts_at', 'ends_at', 'limit', 'hold_ms', 'next_claim')
+  'starts_at', 'ends_at', 'limit', 'hold_ms', 'next_claim', 'solo')
 if not m[1] then
   local out = {}
   for i = 1, n_claims do
@@ -54,6 +54,9 @@ local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
     redis.call('DEL', idem)
   end
 
+  if m[11] == '0' then
+    return refuse('solo_not_allowed', '')
+  end
   if m[5] == '1' or (ends_at and now >= ends_at) then
     return refuse('ended', '')
   end

@@ -34,3 +34,36 @@ end
 local function levels(meta)
   return redis.call('HMGET', meta, 'total', 'remaining', 'reserved', 'sold')
 end
+
+-- `ended` or `not_started` when the sale window (meta `ended`, `starts_at`, `ends_at`)
+-- does not include `now`; nil when it does. `starts_at` nil skips the start check.
+local function window_refusal(ended, starts_at, ends_at, now)
+  if ended == '1' or (ends_at ~= '' and now >= tonumber(ends_at)) then
+    return refuse('ended', '')
+  end
+  if starts_at and now < tonumber(starts_at) then
+    return refuse('not_started', '')
+  end
+  return nil
+end
+
+-- `limit_reached` or `sold_out` when a user holding `held` units cannot take `qty` more;
+-- nil when they can.
+local function units_refusal(held, qty, limit, remaining)
+  if held + qty > tonumber(limit) then
+    return refuse('limit_reached', limit)
+  end
+  if remaining < qty then
+    return refuse('sold_out', '')
+  end
+  return nil
+end
+
+-- Writes a user's held units back (removing the field at zero).
+local function set_held(users, user, held)
+  if held > 0 then
+    redis.call('HSET', users, user, fmt(held))
+  else
+    redis.call('HDEL', users, user)
+  end
+end

@@ -36,11 +36,7 @@ local reserved = tonumber(m[3]) - qty
 local held = tonumber(redis.call('HGET', users, c.user) or '0') - qty
 enc = encode_claim('released', c.qty, c.created, c.expires, c.user)
 redis.call('HSET', meta, 'remaining', fmt(remaining), 'reserved', fmt(reserved))
-if held > 0 then
-  redis.call('HSET', users, c.user, fmt(held))
-else
-  redis.call('HDEL', users, c.user)
-end
+set_held(users, c.user, held)
 redis.call('ZREM', holds, ARGV[4])
 redis.call('HSET', claims, cid, enc)
 redis.call('XADD', ledger, '*', 'op', 'release', 'claim_id', cid, 'user', c.user, 'qty', c.qty, 'ts', now_s)

@@ -42,11 +42,7 @@ if #expired > 0 then
   redis.call('HSET', meta, 'remaining', fmt(remaining), 'reserved', fmt(reserved))
 end
 for u, h in pairs(held) do
-  if h > 0 then
-    redis.call('HSET', users, u, fmt(h))
-  else
-    redis.call('HDEL', users, u)
-  end
+  set_held(users, u, h)
 end
 for _, member in ipairs(stale) do
   redis.call('ZREM', holds, member)
