@@ -11,6 +11,9 @@ use serde_json::json;
 
 use crate::http::{HttpClient, Target, bearer};
 
+/// How many times a host call is sent while the server answers `429`.
+const RATE_LIMITED_TRIES: u32 = 10;
+
 /// A drop's stock counters, as `GET /api/drops/{drop}` shows them.
 #[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
 pub struct Levels {
@@ -74,6 +77,8 @@ impl HostApi {
         })
     }
 
+    /// One call; a `429 rate_limited` answer is retried after a second, a few times, so a
+    /// rate-limited server still gets its invariant check read.
     async fn call(
         &mut self,
         method: Method,
@@ -81,11 +86,22 @@ impl HostApi {
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<crate::http::Answer> {
         let body = body.map(|b| Bytes::from(b.to_string()));
-        let req = self.client.request(method, path, Some(&self.auth), body)?;
-        self.client
-            .send(req)
-            .await
-            .with_context(|| format!("{path}: no answer from the server"))
+        let mut tries = 0;
+        loop {
+            let req = self
+                .client
+                .request(method.clone(), path, Some(&self.auth), body.clone())?;
+            let a = self
+                .client
+                .send(req)
+                .await
+                .with_context(|| format!("{path}: no answer from the server"))?;
+            tries += 1;
+            if a.status != 429 || tries >= RATE_LIMITED_TRIES {
+                return Ok(a);
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
     }
 
     /// Creates the room; one that already exists is fine (`room_exists`).

@@ -184,15 +184,15 @@ pub fn short_error(e: &anyhow::Error) -> String {
     s.split(':').next().unwrap_or("error").trim().to_string()
 }
 
-/// `POST path` with a bearer token, an `Idempotency-Key` and a JSON body.
+/// `POST path` with a bearer token, an `Idempotency-Key` and a JSON body (or none).
 pub fn keyed_post(
     client: &HttpClient,
     path: &str,
     auth: Option<&HeaderValue>,
     key: &str,
-    body: Bytes,
+    body: Option<Bytes>,
 ) -> anyhow::Result<hyper::Request<http_body_util::Full<Bytes>>> {
-    let mut r = client.request(Method::POST, path, auth, Some(body))?;
+    let mut r = client.request(Method::POST, path, auth, body)?;
     r.headers_mut()
         .insert("idempotency-key", HeaderValue::from_str(key)?);
     Ok(r)

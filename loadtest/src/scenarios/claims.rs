@@ -365,7 +365,7 @@ async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<HeaderValue>>) -> Tally {
                 &plan.path,
                 auths.get(user),
                 &plan.key(i),
-                body.clone(),
+                Some(body.clone()),
             ),
         };
         let req = match req {

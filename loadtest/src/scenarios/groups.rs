@@ -10,8 +10,8 @@
 //! `GET /api/drops/{drop}`, completed groups × K ≤ sold, no answer showing a group with more
 //! members than its size, and no group with more successful joins than K − 1.
 //!
-//! Written against the group-buy contract before the server implements it: the shapes above
-//! are the contract; answers the tool does not recognise are counted by status, not fatal.
+//! Opens and joins carry no body (as `docs/protocol.md` says); answers the tool does not
+//! recognise are counted by status, not fatal.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use bytes::Bytes;
 use hyper::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 
@@ -345,7 +344,6 @@ async fn worker(
 ) -> Tally {
     let mut t = Tally::new(&name);
     let mut client = HttpClient::new(target.clone());
-    let body = Bytes::from_static(b"{}");
     loop {
         let n = phase.next.fetch_add(1, Ordering::Relaxed);
         let Some(job) = phase.jobs.get(n) else { break };
@@ -354,7 +352,7 @@ async fn worker(
             continue;
         }
         let key = format!("g{run_id}-{}", job.user);
-        let req = match keyed_post(&client, &job.path, auths.get(job.user), &key, body.clone()) {
+        let req = match keyed_post(&client, &job.path, auths.get(job.user), &key, None) {
             Ok(r) => r,
             Err(e) => {
                 crate::report::bump(&mut t.errors, &format!("request: {e}"));

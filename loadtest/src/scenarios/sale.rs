@@ -44,6 +44,8 @@ use crate::ws;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// After every claim is answered and the drop did not sell out, how long to wait anyway.
 const NOT_SOLD_OUT_GRACE: Duration = Duration::from_secs(2);
+/// Longest wait, after the chatter stops, for its last messages to reach every viewer.
+const CHAT_DRAIN: Duration = Duration::from_secs(3);
 /// Not yet set.
 const UNSET: u64 = u64::MAX;
 
@@ -83,6 +85,8 @@ pub struct SaleSummary {
     pub chat_published: u64,
     pub chat_errors: Counts,
     pub chat_received: u64,
+    /// Chat deliveries expected (published × connected viewers) that never arrived.
+    pub chat_lost: i64,
     /// Every chat message's latency, the lead-in included.
     pub chat_latency: LatencySummary,
     /// Latency of the chat messages sent from the drop on.
@@ -299,8 +303,9 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
     let chatter_socket = ws::connect(&target, &room, &minter.mint("lt-chat", "viewer")?, None)
         .await
         .context("chatter")?;
+    let (chat_stop_tx, chat_stop_rx) = watch::channel(false);
     let chatter = {
-        let (sale, stop, rate) = (sale.clone(), stop_rx.clone(), args.chat_rate);
+        let (sale, stop, rate) = (sale.clone(), chat_stop_rx, args.chat_rate);
         let limit = Duration::from_secs_f64(args.lead_in.max(0.0) + args.timeout + 5.0);
         tokio::spawn(async move {
             audience::publish(chatter_socket, &sale.probe, rate, limit, stop).await
@@ -336,6 +341,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
     }
     let _ = go_tx.send(true);
     if let Err(e) = created {
+        let _ = chat_stop_tx.send(true);
         let _ = stop_tx.send(true);
         return Err(e.context("creating the drop"));
     }
@@ -357,11 +363,18 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
     }
     let elapsed = drop_start.elapsed();
     progress.finish();
-    let _ = stop_tx.send(true);
+    let _ = chat_stop_tx.send(true);
     let (chat_published, chat_errors) = match chatter.await {
         Ok(r) => r,
         Err(e) => (0, Counts::from([(format!("chatter task: {e}"), 1)])),
     };
+    // Let the last chat messages reach every viewer before they stop.
+    let chat_expected = chat_published * fleet.connected;
+    let drain_end = Instant::now() + CHAT_DRAIN;
+    while sale.probe.received() < chat_expected && Instant::now() < drain_end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
     for w in http_workers {
         let _ = tokio::time::timeout(ANSWER_TIMEOUT, w).await;
     }
@@ -440,6 +453,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
         chat_published,
         chat_errors,
         chat_received: sale.probe.received(),
+        chat_lost: chat_expected as i64 - sale.probe.received() as i64,
         chat_latency: sale.probe.latency(),
         chat_latency_rush: sale.probe.latency_since_mark(),
         resyncs: sale.probe.resyncs(),
@@ -582,7 +596,13 @@ async fn http_claimer(
             crate::report::bump(&mut t.errors, "not sent: timeout");
             continue;
         }
-        let req = match keyed_post(&client, &path, Some(auth), &sale.key(user), body.clone()) {
+        let req = match keyed_post(
+            &client,
+            &path,
+            Some(auth),
+            &sale.key(user),
+            Some(body.clone()),
+        ) {
             Ok(r) => r,
             Err(e) => {
                 crate::report::bump(&mut t.errors, &format!("request: {e}"));
@@ -644,11 +664,12 @@ pub fn print(s: &SaleSummary) {
     println!("  WS claims:   {}", s.ws_claims);
     println!("  HTTP claims: {}", s.http_claims);
     println!(
-        "  chat at {}/s: {} published (errors: {}), {} delivered, latency {}",
+        "  chat at {}/s: {} published (errors: {}), {} delivered (lost {}), latency {}",
         s.chat_rate,
         s.chat_published,
         format_counts(&s.chat_errors),
         s.chat_received,
+        s.chat_lost,
         s.chat_latency
     );
     println!("      sent during the rush: {}", s.chat_latency_rush);
