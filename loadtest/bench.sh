@@ -10,7 +10,8 @@
 # Sets:
 #   memory       /healthz reference vs memory-engine claims (HTTP and WS, max speed and open loop)
 #   fanout       5 000 viewers, publisher at 5, 20 and 50 msg/s, livedrop vs the node ws peer,
-#                with RSS per idle viewer (and 1 000 viewers at the same rates, for p99 context)
+#                with RSS per idle viewer (and 1 000 viewers at the same rates, for p99 context),
+#                and a saturation run (200 msg/s: delivered frames/s when nobody keeps up)
 #   connections  as many idle viewers as file descriptors allow, over several source addresses,
 #                livedrop vs the node peer, RSS per connection
 #   sale         5 000 viewers, stock 1 000, 20 000 HTTP claimers, chat during the rush;
@@ -43,6 +44,7 @@ FANOUT_VIEWERS=5000
 FANOUT_SMALL=1000
 FANOUT_RATES="5 20 50"
 FANOUT_SECS=10
+SATURATION_RATE=200
 CONN_MAX=${CONN_MAX:-100000}
 SALE_VIEWERS=5000
 SALE_STOCK=1000
@@ -142,6 +144,17 @@ fanout_set() {
       stop_peer
     done
   done
+  # Saturation: publish faster than anyone can deliver (200 msg/s × 5 000 viewers = 1 M
+  # deliveries/s wanted) and count what arrives; a long drain lets queued frames land.
+  start_server
+  run "fanout-livedrop-$FANOUT_VIEWERS-saturation" $TARGET viewers --viewers "$FANOUT_VIEWERS" \
+    --rate "$SATURATION_RATE" --duration "$FANOUT_SECS" --drain 10 --pid "$SERVER_PID"
+  stop_server
+  start_peer
+  run "fanout-node-$FANOUT_VIEWERS-saturation" $PEER_TARGET viewers --peer plain \
+    --viewers "$FANOUT_VIEWERS" --rate "$SATURATION_RATE" --duration "$FANOUT_SECS" --drain 10 \
+    --pid "$PEER_PID"
+  stop_peer
 }
 
 # Connections: as many idle viewers as the fd limit allows (both processes hold one fd per
