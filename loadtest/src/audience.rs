@@ -496,3 +496,49 @@ impl Fleet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_times_its_own_messages_only() {
+        let probe = ChatProbe::new("r1", Instant::now(), "chat");
+        let frame = probe.frame(0);
+        let text: serde_json::Value = serde_json::from_str(&frame).unwrap_or_default();
+        let text = text["text"].as_str().unwrap_or_default().to_string();
+        let chat = format!(r#"{{"type":"chat","seq":1,"text":"{text}"}}"#);
+        let other = r#"{"type":"chat","seq":2,"text":"hello"}"#;
+        let resync = format!(r#"{{"type":"resync","chat":[{{"text":"{text}"}}],"drops":[]}}"#);
+        let mut batch = Vec::new();
+        assert!(probe.on_text(&chat, &mut batch));
+        assert!(probe.on_text(other, &mut batch));
+        assert!(probe.on_text(&resync, &mut batch));
+        assert!(!probe.on_text(r#"{"type":"stock"}"#, &mut batch));
+        probe.flush(&mut batch);
+        assert_eq!(probe.received(), 2);
+        assert_eq!(probe.resyncs(), 1);
+        assert_eq!(probe.latency().count, 2);
+        // Sent before the mark: not in the rush figure.
+        probe.mark();
+        assert_eq!(probe.latency_since_mark().count, 0);
+        let later: serde_json::Value = serde_json::from_str(&probe.frame(1)).unwrap_or_default();
+        let later = later["text"].as_str().unwrap_or_default().to_string();
+        probe.on_text(
+            &format!(r#"{{"type":"chat","text":"{later}"}}"#),
+            &mut batch,
+        );
+        probe.flush(&mut batch);
+        assert_eq!(probe.latency_since_mark().count, 1);
+        assert_eq!(probe.latency().count, 3);
+    }
+
+    #[test]
+    fn source_addresses_round_robin() {
+        assert_eq!(source_ip_count(5_000, 0), 1);
+        assert_eq!(source_ip_count(25_000, 0), 3);
+        assert_eq!(source_ip_count(10, 400), 254);
+        assert_eq!(source_ip(0, 3).to_string(), "127.0.0.1");
+        assert_eq!(source_ip(4, 3).to_string(), "127.0.0.2");
+    }
+}

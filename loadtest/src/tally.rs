@@ -237,3 +237,62 @@ impl ClaimResult {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: &str) -> Answer {
+        Answer {
+            status,
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn http_answers_become_outcomes() {
+        let ok = answer(201, r#"{"claim_id":"d.1","status":"reserved"}"#);
+        assert_eq!(http_claim_outcome(&ok), Ok(Some("d.1".into())));
+        let refused = answer(409, r#"{"code":"sold_out","status":409}"#);
+        assert_eq!(http_claim_outcome(&refused), Err("sold_out".into()));
+        assert_eq!(http_claim_outcome(&answer(502, "")), Err("http_502".into()));
+    }
+
+    #[test]
+    fn ws_frames_become_outcomes() {
+        assert!(ClaimResult::parse(r#"{"type":"stock","drop":"d"}"#).is_none());
+        let ok = ClaimResult::parse(
+            r#"{"type":"claim_result","key":"k1","ok":true,"claim":{"claim_id":"d.7"}}"#,
+        );
+        let ok = ok.and_then(Result::ok).map(ClaimResult::outcome);
+        assert_eq!(ok, Some(Ok(Some("d.7".into()))));
+        let no = ClaimResult::parse(
+            r#"{"type":"claim_result","key":"k2","ok":false,"code":"limit_reached"}"#,
+        )
+        .and_then(Result::ok)
+        .map(ClaimResult::outcome);
+        assert_eq!(no, Some(Err("limit_reached".into())));
+        assert_eq!(
+            claim_frame("d", "k"),
+            r#"{"type":"claim","drop":"d","qty":1,"key":"k"}"#
+        );
+    }
+
+    #[test]
+    fn tallies_count_and_merge() {
+        let mut a = Tally::new("x");
+        a.sent = 3;
+        assert!(a.outcome(Ok(Some("c1".into()))));
+        assert!(!a.outcome(Err("sold_out".into())));
+        a.lost("timeout");
+        let mut b = Tally::new("x");
+        b.outcome(Ok(None));
+        a.merge(b);
+        let s = a.stats();
+        assert_eq!((s.successes, s.unanswered), (2, 1));
+        assert_eq!(s.answers_by_code.get("ok"), Some(&2));
+        assert_eq!(s.answers_by_code.get("sold_out"), Some(&1));
+        assert_eq!(s.errors.get("success without claim_id"), Some(&1));
+        assert_eq!(a.claim_ids, vec!["c1".to_string()]);
+    }
+}
