@@ -34,7 +34,7 @@ use crate::chat::{ChatService, LikeService};
 use crate::commerce::Commerce;
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::state::AppState;
+use crate::state::{AppState, Services};
 
 /// The demo room's id, owner and seeded drop.
 pub const DEMO_ROOM: &str = "demo";
@@ -57,7 +57,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         Duration::from_millis(config.conflate_ms),
     ));
     local_bus.attach(hub.clone());
-    Ok(AppState {
+    Ok(AppState::new(Services {
         chat: Arc::new(ChatService::new(
             store.clone(),
             bus.clone(),
@@ -82,7 +82,7 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         hub,
         shutdown: CancellationToken::new(),
         sessions: TaskTracker::new(),
-    })
+    }))
 }
 
 /// Seeds the demo room and a flash drop in it, unless they exist.

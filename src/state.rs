@@ -17,9 +17,27 @@ use crate::limits::Limits;
 use crate::moderation::Moderation;
 use crate::store::Store;
 
-/// Cheap to clone: every field is shared.
+/// Cheap to clone: one reference count, however many services there are (axum clones the
+/// state for every extractor and middleware of every request).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// Everything [`AppState`] shares.
+pub struct Services {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub bus: Arc<dyn Bus>,
