@@ -112,7 +112,7 @@ pub async fn run(
     let (mut sink, stream) = socket.split();
     let write_timeout = Duration::from_secs(state.config.write_timeout_secs);
 
-    let welcome = match snapshot(&state, &room, &identity.user, since).await {
+    let welcome = match Box::pin(snapshot(&state, &room, &identity.user, since)).await {
         Ok(s) => s,
         Err(e) => {
             let _ = sink.send(text(&ServerMessage::error(&e))).await;
@@ -229,7 +229,7 @@ impl Writer {
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if !self.resync(&mut sink).await {
+                        if !Box::pin(self.resync(&mut sink)).await {
                             return;
                         }
                     }
@@ -295,7 +295,7 @@ impl Writer {
             return false;
         }
         if lagged {
-            return self.resync(sink).await;
+            return Box::pin(self.resync(sink)).await;
         }
         true
     }
@@ -373,7 +373,9 @@ impl Reader {
             match next {
                 None | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(Message::Text(t))) => {
-                    if !self.handle(t.as_str()).await {
+                    // Boxed: a command's future is large and short-lived; inline it would
+                    // sit in every idle session's state for its whole life.
+                    if !Box::pin(self.handle(t.as_str())).await {
                         return;
                     }
                 }
