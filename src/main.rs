@@ -5,11 +5,6 @@ use clap::{Parser, Subcommand};
 use livedrop::auth::{Authenticator, Role};
 use livedrop::config::Config;
 
-/// mimalloc instead of glibc malloc: the request path allocates many short-lived buffers
-/// across threads, where glibc's arenas showed up as ~15 % of server CPU in profiles.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "livedrop",
