@@ -95,8 +95,7 @@ async fn serve(mut config: Config) -> anyhow::Result<()> {
             )
         })
         .clone();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = livedrop::bind(config.listen)
         .map_err(|e| anyhow::anyhow!("--listen {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let engine = if config.redis_url.is_some() {
