@@ -253,6 +253,48 @@ impl MemoryStore {
         Ok(f(&mut guard))
     }
 
+    /// What a user's transition of a claim shares (as `claim_for_transition` in
+    /// `common.lua`): the claim exists and is the caller's; one already at `target` is
+    /// answered as it is (a retry); a closed one is refused; a reserved one goes to `apply`.
+    fn transition(
+        &self,
+        claim_id: &str,
+        user: &str,
+        target: ClaimStatus,
+        apply: impl FnOnce(&mut DropData, Claim) -> AppResult<Claim>,
+    ) -> AppResult<Transition> {
+        let drop = claim_drop(claim_id).ok_or_else(|| AppError::not_found("claim"))?;
+        self.with_drop(drop, |d| {
+            let claim = d
+                .claims
+                .get(claim_id)
+                .cloned()
+                .ok_or_else(|| AppError::not_found("claim"))?;
+            Self::claim_owner_check(&claim, user)?;
+            let claim = if claim.status == target {
+                claim
+            } else if claim.status == ClaimStatus::Reserved {
+                apply(d, claim)?
+            } else {
+                return Err(AppError::conflict(
+                    "claim_closed",
+                    format!("this claim was {}", claim.status.as_str()),
+                ));
+            };
+            Ok(Transition {
+                claim,
+                levels: d.levels,
+            })
+        })
+        .map_err(|e| {
+            if e.code == "not_found" {
+                AppError::not_found("claim")
+            } else {
+                e
+            }
+        })?
+    }
+
     fn claim_owner_check(claim: &Claim, user: &str) -> AppResult<()> {
         if claim.user == user {
             Ok(())
@@ -519,86 +561,28 @@ impl Store for MemoryStore {
     }
 
     async fn confirm(&self, claim_id: &str, user: &str, now: Millis) -> AppResult<Transition> {
-        let drop = claim_drop(claim_id).ok_or_else(|| AppError::not_found("claim"))?;
-        self.with_drop(drop, |d| {
-            let claim = d
-                .claims
-                .get(claim_id)
-                .cloned()
-                .ok_or_else(|| AppError::not_found("claim"))?;
-            Self::claim_owner_check(&claim, user)?;
-            match claim.status {
-                ClaimStatus::Sold => Ok(Transition {
-                    claim,
-                    levels: d.levels,
-                }),
-                ClaimStatus::Released | ClaimStatus::Expired => Err(AppError::conflict(
-                    "claim_closed",
-                    format!("this claim was {}", claim.status.as_str()),
-                )),
-                ClaimStatus::Reserved if now >= claim.expires_at => Err(AppError::conflict(
+        self.transition(claim_id, user, ClaimStatus::Sold, |d, claim| {
+            if now >= claim.expires_at {
+                return Err(AppError::conflict(
                     "claim_expired",
                     "the hold on this claim has expired",
-                )),
-                ClaimStatus::Reserved => {
-                    d.holds.remove(&hold_key(&claim));
-                    d.levels.reserved -= claim.qty;
-                    d.levels.sold += claim.qty;
-                    let mut sold = claim;
-                    sold.status = ClaimStatus::Sold;
-                    d.claims.insert(sold.claim_id.clone(), sold.clone());
-                    d.log("confirm", Some(&sold), sold.qty, now);
-                    Ok(Transition {
-                        claim: sold,
-                        levels: d.levels,
-                    })
-                }
+                ));
             }
+            d.holds.remove(&hold_key(&claim));
+            d.levels.reserved -= claim.qty;
+            d.levels.sold += claim.qty;
+            let mut sold = claim;
+            sold.status = ClaimStatus::Sold;
+            d.claims.insert(sold.claim_id.clone(), sold.clone());
+            d.log("confirm", Some(&sold), sold.qty, now);
+            Ok(sold)
         })
-        .map_err(|e| {
-            if e.code == "not_found" {
-                AppError::not_found("claim")
-            } else {
-                e
-            }
-        })?
     }
 
     async fn release(&self, claim_id: &str, user: &str, now: Millis) -> AppResult<Transition> {
-        let drop = claim_drop(claim_id).ok_or_else(|| AppError::not_found("claim"))?;
-        self.with_drop(drop, |d| {
-            let claim = d
-                .claims
-                .get(claim_id)
-                .cloned()
-                .ok_or_else(|| AppError::not_found("claim"))?;
-            Self::claim_owner_check(&claim, user)?;
-            match claim.status {
-                ClaimStatus::Released => Ok(Transition {
-                    claim,
-                    levels: d.levels,
-                }),
-                ClaimStatus::Sold | ClaimStatus::Expired => Err(AppError::conflict(
-                    "claim_closed",
-                    format!("this claim was {}", claim.status.as_str()),
-                )),
-                ClaimStatus::Reserved => {
-                    let released =
-                        d.unreserve(&claim.claim_id, ClaimStatus::Released, "release", now);
-                    Ok(Transition {
-                        claim: released,
-                        levels: d.levels,
-                    })
-                }
-            }
+        self.transition(claim_id, user, ClaimStatus::Released, |d, claim| {
+            Ok(d.unreserve(&claim.claim_id, ClaimStatus::Released, "release", now))
         })
-        .map_err(|e| {
-            if e.code == "not_found" {
-                AppError::not_found("claim")
-            } else {
-                e
-            }
-        })?
     }
 
     async fn sweep(&self, drop: &str, now: Millis) -> AppResult<Sweep> {

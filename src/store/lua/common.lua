@@ -67,3 +67,35 @@ local function set_held(users, user, held)
     redis.call('HDEL', users, user)
   end
 end
+
+-- The checks a user's transition of a claim (confirm: to 'sold', release: to 'released')
+-- shares. Returns the claim and the drop's levels when it may proceed, or else a reply to
+-- return at once: the refusal, or the claim as it is when it already reached `target` (a
+-- retried call answers the same).
+local function claim_for_transition(meta, claims, cid, user, target)
+  local enc = redis.call('HGET', claims, cid)
+  if not enc then
+    return nil, nil, refuse('not_found', 'claim')
+  end
+  local c = decode_claim(enc)
+  if not c then
+    return nil, nil, refuse('internal', 'corrupt claim record')
+  end
+  if c.user ~= user then
+    return nil, nil, refuse('forbidden', '')
+  end
+  local m = levels(meta)
+  if not m[1] then
+    return nil, nil, refuse('internal', 'claim without drop')
+  end
+  if c.status == target then
+    return nil, nil, {'ok', enc, m[1], m[2], m[3], m[4]}
+  end
+  if c.status == 'sold' or c.status == 'released' or c.status == 'expired' then
+    return nil, nil, refuse('claim_closed', c.status)
+  end
+  if c.status ~= 'reserved' then
+    return nil, nil, refuse('internal', 'unknown claim status')
+  end
+  return c, m, nil
+end

@@ -5,29 +5,9 @@
 local meta, claims, holds, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local cid, user, now_s = ARGV[1], ARGV[2], ARGV[3]
 
-local enc = redis.call('HGET', claims, cid)
-if not enc then
-  return refuse('not_found', 'claim')
-end
-local c = decode_claim(enc)
-if not c then
-  return refuse('internal', 'corrupt claim record')
-end
-if c.user ~= user then
-  return refuse('forbidden', '')
-end
-local m = levels(meta)
-if not m[1] then
-  return refuse('internal', 'claim without drop')
-end
-if c.status == 'sold' then
-  return {'ok', enc, m[1], m[2], m[3], m[4]}
-end
-if c.status == 'released' or c.status == 'expired' then
-  return refuse('claim_closed', c.status)
-end
-if c.status ~= 'reserved' then
-  return refuse('internal', 'unknown claim status')
+local c, m, reply = claim_for_transition(meta, claims, cid, user, 'sold')
+if reply then
+  return reply
 end
 if tonumber(now_s) >= tonumber(c.expires) then
   return refuse('claim_expired', '')
@@ -36,7 +16,7 @@ end
 local qty = tonumber(c.qty)
 local reserved = tonumber(m[3]) - qty
 local sold = tonumber(m[4]) + qty
-enc = encode_claim('sold', c.qty, c.created, c.expires, c.user)
+local enc = encode_claim('sold', c.qty, c.created, c.expires, c.user)
 redis.call('HSET', meta, 'reserved', fmt(reserved), 'sold', fmt(sold))
 redis.call('ZREM', holds, ARGV[4])
 redis.call('HSET', claims, cid, enc)
