@@ -112,25 +112,19 @@ pub async fn run(
     let (mut sink, stream) = socket.split();
     let write_timeout = Duration::from_secs(state.config.write_timeout_secs);
 
-    let welcome = match Box::pin(snapshot(&state, &room, &identity.user, since)).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = sink.send(text(&ServerMessage::error(&e))).await;
-            let _ = sink
-                .send(close_msg(close::INTERNAL, "store unavailable"))
-                .await;
-            return;
-        }
-    };
-    let last_seq = welcome.seq;
-    let sent = tokio::time::timeout(
+    // Boxed: the welcome (a snapshot and one large write) happens once; inline, its state
+    // would stay in every idle session's task for the session's whole life.
+    let welcomed = Box::pin(welcome(
+        &state,
+        &room,
+        &identity.user,
+        since,
+        &mut sink,
         write_timeout,
-        sink.send(text(&ServerMessage::Welcome(welcome))),
-    )
-    .await;
-    if !matches!(sent, Ok(Ok(()))) {
+    ));
+    let Some(last_seq) = welcomed.await else {
         return;
-    }
+    };
 
     let (direct_tx, direct_rx) = mpsc::channel(DIRECT_QUEUE);
     let writer = Writer {
@@ -158,6 +152,34 @@ pub async fn run(
             (&mut writer).await;
         }
     }
+}
+
+/// Sends the welcome snapshot; the chat seq it covers, or None when the session must end.
+async fn welcome(
+    state: &AppState,
+    room: &Room,
+    you: &User,
+    since: Option<u64>,
+    sink: &mut Sink,
+    write_timeout: Duration,
+) -> Option<u64> {
+    let welcome = match snapshot(state, room, you, since).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = sink.send(text(&ServerMessage::error(&e))).await;
+            let _ = sink
+                .send(close_msg(close::INTERNAL, "store unavailable"))
+                .await;
+            return None;
+        }
+    };
+    let last_seq = welcome.seq;
+    let sent = tokio::time::timeout(
+        write_timeout,
+        sink.send(text(&ServerMessage::Welcome(welcome))),
+    )
+    .await;
+    matches!(sent, Ok(Ok(()))).then_some(last_seq)
 }
 
 struct Writer {
@@ -338,12 +360,18 @@ struct Reader {
 type Stream = futures_util::stream::SplitStream<WebSocket>;
 
 impl Reader {
+    /// Queues a frame for the writer. Boxed: the queue's send future is short-lived, and
+    /// inline in `run` it would sit in every idle session.
+    async fn queue(&self, msg: Message) -> bool {
+        Box::pin(self.direct.send(msg)).await.is_ok()
+    }
+
     async fn reply(&self, msg: ServerMessage) -> bool {
-        self.direct.send(text(&msg)).await.is_ok()
+        self.queue(text(&msg)).await
     }
 
     async fn close(&self, code: u16, reason: &'static str) {
-        let _ = self.direct.send(close_msg(code, reason)).await;
+        let _ = self.queue(close_msg(code, reason)).await;
     }
 
     async fn run(self, mut stream: Stream) {
@@ -354,11 +382,9 @@ impl Reader {
                 Ok(n) => n,
                 Err(_) if !pinged => {
                     pinged = true;
-                    if self
-                        .direct
-                        .send(Message::Ping(bytes::Bytes::from_static(b"livedrop")))
+                    if !self
+                        .queue(Message::Ping(bytes::Bytes::from_static(b"livedrop")))
                         .await
-                        .is_err()
                     {
                         return;
                     }
