@@ -12,6 +12,11 @@
 //! within the caller's time budget), a batch at most [`MAX_BATCH`], and at most
 //! [`IN_FLIGHT`] batches of one drop are in flight. An idle lane closes itself after
 //! [`IDLE`], so lanes of finished drops do not pile up.
+//!
+//! A claim is acknowledged only after its batch's script call returned. A caller whose time
+//! budget runs out while its claim is queued or in flight gets `store_unavailable` and the
+//! claim may still be made, exactly as when a lone call times out on the wire: the client's
+//! retry with the same Idempotency-Key then answers with that claim, never a second one.
 
 use std::sync::Arc;
 use std::time::Duration;
