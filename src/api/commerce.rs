@@ -8,11 +8,12 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::extract::required_idempotency_key;
 use super::rooms::find_room;
 use super::{Authed, Client, JsonBody};
 use crate::auth::Role;
 use crate::commerce::{NewDrop, claim_json, drop_json};
-use crate::error::{AppError, AppResult};
+use crate::error::AppResult;
 use crate::state::AppState;
 
 pub async fn create_drop(
@@ -79,15 +80,7 @@ pub async fn claim(
     JsonBody(body): JsonBody<ClaimBody>,
 ) -> AppResult<impl IntoResponse> {
     crate::moderation::admit_claim(&state, &who, addr, &drop).await?;
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            AppError::bad_request(
-                "missing_idempotency_key",
-                "claims need an Idempotency-Key header",
-            )
-        })?;
+    let key = required_idempotency_key(&headers, "claims")?;
     let res = state
         .commerce
         .claim(&who.user, &drop, &body.qty, key)

@@ -48,6 +48,20 @@ pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers.get("idempotency-key").and_then(|v| v.to_str().ok())
 }
 
+/// The `Idempotency-Key` of a request that must carry one (claims, joins): its absence is
+/// 400 `missing_idempotency_key`, the same for every such endpoint.
+pub fn required_idempotency_key<'h>(
+    headers: &'h axum::http::HeaderMap,
+    what: &str,
+) -> Result<&'h str, AppError> {
+    idempotency_key(headers).ok_or_else(|| {
+        AppError::bad_request(
+            "missing_idempotency_key",
+            format!("{what} need an Idempotency-Key header"),
+        )
+    })
+}
+
 /// Where the request came from, as resolved by the `limits::http_limit` middleware.
 pub struct Client(pub ClientAddr);
 

@@ -8,10 +8,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use serde_json::json;
 
-use super::extract::idempotency_key;
+use super::extract::{idempotency_key, required_idempotency_key};
 use super::{Authed, Client};
 use crate::commerce::groups::group_json;
-use crate::error::{AppError, AppResult};
+use crate::error::AppResult;
 use crate::moderation::{admit_claim, admit_join};
 use crate::state::AppState;
 
@@ -40,12 +40,7 @@ pub async fn join(
     headers: HeaderMap,
 ) -> AppResult<impl IntoResponse> {
     admit_join(&state, &who, addr, &group).await?;
-    let key = idempotency_key(&headers).ok_or_else(|| {
-        AppError::bad_request(
-            "missing_idempotency_key",
-            "joins need an Idempotency-Key header",
-        )
-    })?;
+    let key = required_idempotency_key(&headers, "joins")?;
     let ans = state.commerce.join_group(&who.user, &group, key).await?;
     Ok((StatusCode::CREATED, Json(group_json(&ans.group))))
 }
