@@ -62,16 +62,16 @@ both_engines!(drop_lifecycle_and_access, |engine| async move {
         json!({"sku":"S","title":"T","price":1,"stock":1,"hold_secs":0}),
         json!({"sku":"","title":"T","price":1,"stock":1}),
     ] {
-        let res = srv
-            .http
-            .post(srv.url("/api/rooms/shop/drops"))
-            .bearer_auth(srv.token("host1", Role::Host))
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 422, "{bad}");
-        let body: Value = res.json().await.unwrap();
+        let (status, body) = srv
+            .call_with(
+                Method::POST,
+                "/api/rooms/shop/drops",
+                "host1",
+                Role::Host,
+                Some(&bad),
+            )
+            .await;
+        assert_eq!(status, 422, "{bad}");
         assert_eq!(body["code"], "bad_drop", "{bad}");
     }
 

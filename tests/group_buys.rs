@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::server::{ConservationSampler, Engine, Received, TestServer};
 use livedrop::auth::Role;
+use reqwest::Method;
 use serde_json::{Value, json};
 
 fn group_body(stock: u64, per_user: u64, size: u64, window: u64) -> Value {
@@ -58,16 +59,16 @@ both_engines!(group_lifecycle_and_refusals, |engine| async move {
         json!({"sku":"S","title":"T","price":1,"stock":5,"kind":"group","group_size":2,"group_price":1,"group_window_secs":0}),
         json!({"sku":"S","title":"T","price":1,"stock":5,"kind":"flash","group_size":2}),
     ] {
-        let res = srv
-            .http
-            .post(srv.url("/api/rooms/shop/drops"))
-            .bearer_auth(srv.token("host1", Role::Host))
-            .json(&bad)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 422, "{bad}");
-        let body: Value = res.json().await.unwrap();
+        let (status, body) = srv
+            .call_with(
+                Method::POST,
+                "/api/rooms/shop/drops",
+                "host1",
+                Role::Host,
+                Some(&bad),
+            )
+            .await;
+        assert_eq!(status, 422, "{bad}");
         assert_eq!(body["code"], "bad_drop", "{bad}");
     }
     let (_, room) = srv.get_json("/api/rooms/shop").await;

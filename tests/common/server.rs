@@ -64,7 +64,8 @@ impl TestServer {
             ..Config::default()
         };
         adjust(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // The server's own bind (listen backlog and all), on a free port.
+        let listener = livedrop::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = livedrop::build_state(config).await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -149,13 +150,26 @@ impl TestServer {
         sub: &str,
         role: Role,
     ) -> (u16, Value) {
-        let res = self
+        self.call_with(method, path, sub, role, None).await
+    }
+
+    /// [`Self::call`] with an optional JSON body.
+    pub async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path: impl AsRef<str>,
+        sub: &str,
+        role: Role,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut req = self
             .http
             .request(method, self.url(path.as_ref()))
-            .bearer_auth(self.token(sub, role))
-            .send()
-            .await
-            .unwrap();
+            .bearer_auth(self.token(sub, role));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let res = req.send().await.unwrap();
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
     }
