@@ -169,6 +169,17 @@ impl Authenticator {
         Ok(identity)
     }
 
+    /// Like [`Self::verify`] but never adds to the cache: a WebSocket verifies its token
+    /// once, and thousands of viewers' tokens would only crowd out the HTTP callers'.
+    pub fn verify_once(&self, token: &str) -> Result<Identity, AppError> {
+        if let Some(known) = self.verified.get(token)
+            && known.expires_at.saturating_add(LEEWAY_SECS) >= unix_now()
+        {
+            return Ok(known.clone());
+        }
+        self.verify_signed(token)
+    }
+
     fn verify_signed(&self, token: &str) -> Result<Identity, AppError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| AppError::unauthorized(format!("invalid token: {e}")))?;
@@ -196,15 +207,31 @@ impl Authenticator {
         headers: &HeaderMap,
         query_token: Option<&str>,
     ) -> Result<Identity, AppError> {
-        let header_token = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match header_token.or(query_token) {
-            Some(t) => self.verify(t.trim()),
-            None => Err(AppError::unauthorized("a bearer token is required")),
-        }
+        self.verify(request_token(headers, query_token)?)
     }
+
+    /// [`Self::from_request`] for a WebSocket upgrade: the token is checked once, not cached.
+    pub fn from_upgrade(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Identity, AppError> {
+        self.verify_once(request_token(headers, query_token)?)
+    }
+}
+
+fn request_token<'a>(
+    headers: &'a HeaderMap,
+    query_token: Option<&'a str>,
+) -> Result<&'a str, AppError> {
+    let header_token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    header_token
+        .or(query_token)
+        .map(str::trim)
+        .ok_or_else(|| AppError::unauthorized("a bearer token is required"))
 }
 
 fn unix_now() -> u64 {

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod commerce;
 pub mod config;
 pub mod error;
+pub mod http_server;
 pub mod hub;
 pub mod limits;
 pub mod model;
@@ -16,6 +17,7 @@ pub mod moderation;
 pub mod protocol;
 pub mod state;
 pub mod store;
+pub mod ws;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,8 +53,14 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let local_bus = Arc::new(LocalBus::new());
     let bus: Arc<dyn bus::Bus> = local_bus.clone();
+    let shutdown = CancellationToken::new();
     let hub = Arc::new(Hub::new(
-        config.room_buffer,
+        hub::FanoutSettings {
+            capacity: config.room_buffer,
+            shards: fanout_shards(),
+            idle: Duration::from_secs(config.idle_secs),
+            shutdown: shutdown.clone(),
+        },
         Duration::from_millis(config.conflate_ms),
     ));
     local_bus.attach(hub.clone());
@@ -80,9 +87,18 @@ pub async fn build_state(config: Config) -> anyhow::Result<AppState> {
         store,
         bus,
         hub,
-        shutdown: CancellationToken::new(),
+        shutdown,
         sessions: TaskTracker::new(),
     }))
+}
+
+/// Fan-out shards per room: one per core the runtime can use, so a big room's broadcast
+/// is written from every core at once.
+fn fanout_shards() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(16)
 }
 
 /// Seeds the demo room and a flash drop in it, unless they exist.
@@ -187,22 +203,7 @@ pub async fn serve_state(
             .context("--socket-send-buffer")?;
     }
     let app = api::router(state.clone());
-    let stop = state.shutdown.clone();
-    // Small frames (claim results, chat) must leave at once: without TCP_NODELAY, Nagle's
-    // algorithm holds a write while an earlier one is unacknowledged, and with the peer's
-    // delayed ACKs that costs up to ~40 ms per pipelined answer.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.cancelled().await })
-    .await
-    .context("serving HTTP")?;
+    http_server::run(listener, app, state.shutdown.clone()).await;
 
     let grace = Duration::from_secs(state.config.shutdown_grace_secs);
     state.sessions.close();

@@ -147,6 +147,28 @@ fn ws_cases() -> Vec<(&'static str, Input, Want)> {
             Raw(frame(true, 0x1, &vec![b'x'; 1 << 20])),
             Close(1009),
         ),
+        (
+            "unmasked frame",
+            Raw(vec![0x81, 2, b'h', b'i']),
+            Close(1002),
+        ),
+        (
+            "reserved bit set",
+            Raw(vec![0xc1, 0x80, 1, 2, 3, 4]),
+            Close(1002),
+        ),
+        ("unknown opcode", Raw(frame(true, 0x3, b"x")), Close(1002)),
+        (
+            "ping over 125 bytes",
+            Raw(frame(true, 0x9, &[0; 126])),
+            Close(1002),
+        ),
+        ("fragmented ping", Raw(frame(false, 0x9, b"p")), Close(1002)),
+        (
+            "continuation with nothing to continue",
+            Raw(frame(true, 0x0, b"x")),
+            Close(1002),
+        ),
     ]
 }
 

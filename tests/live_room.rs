@@ -6,6 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::raw_ws::{RawWs, frame};
 use common::server::{Engine, Received, TestServer, Viewer};
 use livedrop::auth::Role;
 use serde_json::{Value, json};
@@ -475,3 +476,57 @@ both_engines!(graceful_shutdown_closes_with_1001, |engine| async move {
     // No longer accepting.
     assert!(tokio::net::TcpStream::connect(srv.addr).await.is_err());
 });
+
+both_engines!(
+    frames_behind_the_handshake_are_read_and_a_close_is_answered,
+    |engine| async move {
+        let srv = TestServer::start(engine).await;
+        srv.create_room("raw", "host1").await;
+        let token = srv.token("early", Role::Viewer);
+        // A ping command sent in the same write as the upgrade request, before the 101.
+        let early = frame(true, 0x1, br#"{"type":"ping"}"#);
+        let mut ws = RawWs::connect_with(&srv, "raw", &token, &early).await;
+        loop {
+            let (op, p) = ws.read_frame().await.expect("pong");
+            assert_eq!(op, 1);
+            if String::from_utf8_lossy(&p).contains("\"pong\"") {
+                break;
+            }
+        }
+        // A WebSocket ping is answered with a pong carrying the same payload.
+        use tokio::io::AsyncWriteExt;
+        ws.tcp
+            .write_all(&frame(true, 0x9, b"are you there"))
+            .await
+            .unwrap();
+        loop {
+            match ws.read_frame().await.expect("pong frame") {
+                (10, p) => {
+                    assert_eq!(p, b"are you there");
+                    break;
+                }
+                (1, _) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // The client closes with 4321: the server answers with the same code and hangs up.
+        let mut close = 4321u16.to_be_bytes().to_vec();
+        close.extend_from_slice(b"bye");
+        ws.tcp.write_all(&frame(true, 0x8, &close)).await.unwrap();
+        loop {
+            match ws.read_frame().await {
+                Some((8, p)) => {
+                    assert_eq!(u16::from_be_bytes([p[0], p[1]]), 4321);
+                    break;
+                }
+                Some((1, _)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            ws.read_frame().await,
+            None,
+            "the server hangs up after the close"
+        );
+    }
+);

@@ -2,10 +2,9 @@
 //! HTTP answer — connect rate per IP (429), Origin allowlist against cross-site WebSocket
 //! hijacking (403 `origin_forbidden`), the token (401) or, with `--allow-guests`, a guest, the
 //! room (404), a ban (403 `banned`), and the per-IP/per-user connection caps (429
-//! `too_many_connections`). The socket then gets tight frame and buffer limits; axum never
-//! negotiates permessage-deflate, so no compression bombs.
+//! `too_many_connections`). The session then runs on the raw socket with the frame limit of
+//! `--max-frame-bytes`; no extension (permessage-deflate) is ever negotiated.
 
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
@@ -17,16 +16,7 @@ use crate::auth::Identity;
 use crate::error::{AppError, AppResult};
 use crate::hub::session;
 use crate::state::AppState;
-
-/// Bytes the socket reads at a time. tungstenite allocates this up front for every socket,
-/// and client frames (chat, likes, claims) are a few hundred bytes; a larger frame (up to
-/// `--max-frame-bytes`) is read in several calls. 4 KiB -> 1 KiB: RSS per idle viewer
-/// 13.9 KB -> 10.8 KB at 5 000 viewers.
-const READ_BUFFER: usize = 1024;
-/// Bytes written before a flush is forced.
-const WRITE_BUFFER: usize = 8 * 1024;
-/// Most bytes queued for one socket in the WebSocket layer before writes fail.
-const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
+use crate::ws::upgrade::WsUpgrade;
 
 #[derive(Deserialize)]
 pub struct WsQuery {
@@ -67,7 +57,7 @@ pub async fn upgrade(
     Path(room): Path<String>,
     Query(q): Query<WsQuery>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> AppResult<Response> {
     if !addr.exempt {
         state.limits.ws_connects.check(&addr.ip)?;
@@ -77,7 +67,7 @@ pub async fn upgrade(
     let identity = if !has_token && state.config.allow_guests {
         Identity::guest()
     } else {
-        state.auth.from_request(&headers, q.token.as_deref())?
+        state.auth.from_upgrade(&headers, q.token.as_deref())?
     };
     let room = find_room(&state, &room).await?;
     let since = match q.since.as_deref() {
@@ -91,18 +81,15 @@ pub async fn upgrade(
         .check_not_banned(&room.id, &identity.user.id)
         .await?;
     let permit = state.limits.connect(addr, &identity.user.id)?;
-    let max = state.config.max_frame_bytes;
     let sessions = state.sessions.clone();
+    let start = session::Start {
+        state,
+        room,
+        identity,
+        since,
+        addr,
+        permit,
+    };
     Ok(ws
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            sessions.track_future(async move {
-                let _permit = permit;
-                session::run(socket, state, room, identity, since, addr).await
-            })
-        }))
+        .on_upgrade(move |stream, early| sessions.track_future(session::run(stream, early, start))))
 }

@@ -6,7 +6,6 @@
 
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::Utf8Bytes;
 
 /// How the hub treats an event on delivery.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -26,7 +25,7 @@ pub enum EventKind {
 #[derive(Clone, Debug)]
 pub struct Event {
     pub kind: EventKind,
-    pub text: Utf8Bytes,
+    pub text: Arc<str>,
 }
 
 /// Receives events for rooms (the hub).

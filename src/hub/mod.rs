@@ -12,12 +12,12 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use crate::bus::{Event, EventSink};
-pub use room::RoomChannel;
+pub use room::{FanoutSettings, RoomChannel};
 
 /// Rooms with local viewers.
 pub struct Hub {
     rooms: DashMap<String, Arc<RoomChannel>>,
-    capacity: usize,
+    fanout: FanoutSettings,
     tick: Duration,
 }
 
@@ -42,10 +42,10 @@ impl Drop for ViewerGuard {
 }
 
 impl Hub {
-    pub fn new(capacity: usize, tick: Duration) -> Self {
+    pub fn new(fanout: FanoutSettings, tick: Duration) -> Self {
         Self {
             rooms: DashMap::new(),
-            capacity,
+            fanout,
             tick,
         }
     }
@@ -54,7 +54,7 @@ impl Hub {
     pub fn join(self: &Arc<Self>, room: &str) -> (Arc<RoomChannel>, ViewerGuard) {
         let channel = {
             let entry = self.rooms.entry(room.to_string()).or_insert_with(|| {
-                let ch = Arc::new(RoomChannel::new(room, self.capacity));
+                let ch = Arc::new(RoomChannel::new(room, &self.fanout));
                 tokio::spawn(ch.clone().run_ticker(self.tick));
                 ch
             });

@@ -1,37 +1,45 @@
-//! One viewer's WebSocket session: a reader that turns client frames into service calls and
-//! a writer that forwards the room's shared frames (several per flush when the socket is
-//! behind), the session's own replies, and the close frame. Nothing here can grow without
-//! bound: the room ring is fixed, replies are a small bounded queue, a viewer that falls
-//! behind the ring gets a `resync` snapshot, and one that keeps falling behind (or whose
-//! writes stall) is disconnected.
+//! One viewer's WebSocket session: the task that owns the connection. It sends the welcome
+//! snapshot, reads client frames and turns them into service calls (several replies per
+//! write when frames arrive together), flushes the socket when the room fan-out could not
+//! write everything at once, resyncs a viewer that fell behind, and closes the socket with
+//! the right code. Room frames themselves are written by the fan-out (`hub::room`), straight
+//! from the shared bytes; an idle session holds only its connection and identity.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{broadcast, mpsc};
+use bytes::Bytes;
+use tokio::net::TcpStream;
 
 use crate::auth::{Identity, Role};
-use crate::bus::{Event, EventKind};
 use crate::commerce::groups::group_json;
 use crate::commerce::{claim_json, drop_json, is_live};
 use crate::error::{AppError, AppResult};
-use crate::limits::ClientAddr;
+use crate::hub::ViewerGuard;
+use crate::limits::{ClientAddr, ConnPermit};
 use crate::model::{Room, User, now_millis};
 use crate::moderation::{admit_claim, admit_join};
 use crate::protocol::{ClientMessage, CommandResult, MAX_LIKES_PER_FRAME, ServerMessage, Snapshot};
 use crate::state::AppState;
 use crate::store::GroupAnswer;
+use crate::ws::codec::{self, Decoder, Incoming};
+use crate::ws::conn::{self, Conn, Phase};
 
 /// Chat messages in a welcome without `since`.
 pub const WELCOME_CHAT: usize = 50;
-/// Replies (pong, errors, claim results) queued for one session before its reader waits.
-const DIRECT_QUEUE: usize = 32;
-/// Room frames written per flush when the socket is behind.
-const BATCH: usize = 64;
+/// Bytes of a session's own replies queued before it stops reading to let the socket drain.
+const OWN_BACKLOG: usize = 64 * 1024;
+/// Bytes read from the socket at a time (on the stack: an idle session keeps no buffer).
+const READ_CHUNK: usize = 4096;
+/// After the server's close frame: how long, and how much, the peer may still send before
+/// the socket is dropped (so the close frame is read rather than reset away).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
 
 /// Close codes livedrop uses (see docs/protocol.md).
 pub mod close {
+    pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const INVALID_DATA: u16 = 1007;
     pub const TOO_BIG: u16 = 1009;
@@ -87,342 +95,319 @@ pub async fn snapshot(
     })
 }
 
-fn text(msg: &ServerMessage) -> Message {
-    Message::Text(msg.to_text().into())
+fn frame(msg: &ServerMessage) -> Bytes {
+    codec::text(&msg.to_text())
 }
 
-fn close_msg(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }))
+/// Everything a session is started with (from the upgrade request).
+pub struct Start {
+    pub state: AppState,
+    pub room: Room,
+    pub identity: Identity,
+    pub since: Option<u64>,
+    pub addr: ClientAddr,
+    /// Held for the session's life: the per-IP/per-user socket caps count it.
+    pub permit: ConnPermit,
 }
 
-/// Runs a session until the client leaves, misbehaves, lags out, or the server shuts down.
-pub async fn run(
-    socket: WebSocket,
+/// Starts a session on an upgraded socket (`early`: bytes the client sent right behind its
+/// handshake); the future runs it until the client leaves, misbehaves, lags out, or the
+/// server shuts down. The session lives in one box and the future holds little more than
+/// that box and its wait, so an idle viewer's task is small.
+pub fn run(stream: TcpStream, early: Bytes, start: Start) -> impl Future<Output = ()> + Send {
+    let state = start.state;
+    let (channel, guard) = state.hub.join(&start.room.id);
+    let limits = conn::Limits {
+        room_frames: state.config.room_buffer,
+        own_bytes: OWN_BACKLOG,
+    };
+    let conn = Arc::new(Conn::new(stream, &start.identity.user.id, limits));
+    // Attached before the snapshot is read: what happens meanwhile is held, then follows it.
+    channel.attach(conn.clone());
+    let mut decoder = Decoder::new(state.config.max_frame_bytes);
+    // `early` may be a view of hyper's whole read buffer: it is copied, not kept.
+    decoder.feed(&early);
+    let session = Box::new(Session {
+        write_timeout: Duration::from_secs(state.config.write_timeout_secs),
+        state,
+        room: start.room,
+        identity: start.identity,
+        addr: start.addr,
+        conn,
+        decoder,
+        resyncs: Vec::new(),
+        _viewer: guard,
+        _permit: start.permit,
+    });
+    session.live(start.since)
+}
+
+/// How a session ends: with a close frame of ours, or without one (the peer left, the
+/// socket failed, or the close was already answered).
+type End = Option<(u16, &'static str)>;
+
+struct Session {
     state: AppState,
     room: Room,
     identity: Identity,
-    since: Option<u64>,
     addr: ClientAddr,
-) {
-    let (channel, _guard) = state.hub.join(&room.id);
-    let rx = channel.subscribe();
-    let (mut sink, stream) = socket.split();
-    let write_timeout = Duration::from_secs(state.config.write_timeout_secs);
-
-    // Boxed: the welcome (a snapshot and one large write) happens once; inline, its state
-    // would stay in every idle session's task for the session's whole life.
-    let welcomed = Box::pin(welcome(
-        &state,
-        &room,
-        &identity.user,
-        since,
-        &mut sink,
-        write_timeout,
-    ));
-    let Some(last_seq) = welcomed.await else {
-        return;
-    };
-
-    let (direct_tx, direct_rx) = mpsc::channel(DIRECT_QUEUE);
-    let writer = Writer {
-        state: state.clone(),
-        room: room.clone(),
-        you: identity.user.clone(),
-        last_seq,
-        resyncs: Vec::new(),
-        write_timeout,
-    }
-    .run(sink, rx, direct_rx);
-    let reader = Reader {
-        state,
-        room,
-        identity,
-        addr,
-        direct: direct_tx,
-    }
-    .run(stream);
-    tokio::pin!(writer, reader);
-    tokio::select! {
-        _ = &mut writer => {}
-        _ = &mut reader => {
-            // The reader dropped its queue handle: the writer drains it and stops.
-            (&mut writer).await;
-        }
-    }
-}
-
-/// Sends the welcome snapshot; the chat seq it covers, or None when the session must end.
-async fn welcome(
-    state: &AppState,
-    room: &Room,
-    you: &User,
-    since: Option<u64>,
-    sink: &mut Sink,
-    write_timeout: Duration,
-) -> Option<u64> {
-    let welcome = match snapshot(state, room, you, since).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = sink.send(text(&ServerMessage::error(&e))).await;
-            let _ = sink
-                .send(close_msg(close::INTERNAL, "store unavailable"))
-                .await;
-            return None;
-        }
-    };
-    let last_seq = welcome.seq;
-    let sent = tokio::time::timeout(
-        write_timeout,
-        sink.send(text(&ServerMessage::Welcome(welcome))),
-    )
-    .await;
-    matches!(sent, Ok(Ok(()))).then_some(last_seq)
-}
-
-struct Writer {
-    state: AppState,
-    room: Room,
-    you: User,
-    /// Highest chat seq this viewer has; chat frames at or below it are skipped.
-    last_seq: u64,
+    conn: Arc<Conn>,
+    decoder: Decoder,
     resyncs: Vec<Instant>,
     write_timeout: Duration,
+    /// Counts the viewer in the room while the session lives.
+    _viewer: ViewerGuard,
+    _permit: ConnPermit,
 }
 
-type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+enum Next {
+    Wake,
+    Readable(std::io::Result<()>),
+}
 
-impl Writer {
-    fn wanted(&self, ev: &Event) -> bool {
-        match &ev.kind {
-            EventKind::Discrete { seq } => *seq == 0 || *seq > self.last_seq,
-            EventKind::State { .. } => true,
-            EventKind::Kick { user } => *user == self.you.id,
+enum Read {
+    Data,
+    Nothing,
+    Eof,
+}
+
+impl Session {
+    async fn live(mut self: Box<Self>, since: Option<u64>) {
+        // Boxed: the welcome happens once; inline, its state would stay in every idle session.
+        let close = match Box::pin(self.welcome(since)).await {
+            Ok(()) => self.serve().await,
+            Err(end) => end,
+        };
+        Box::pin(self.finish(close)).await;
+    }
+
+    /// Sends the welcome snapshot ahead of whatever the room produced meanwhile.
+    async fn welcome(&mut self, since: Option<u64>) -> Result<(), End> {
+        let snap = match snapshot(&self.state, &self.room, &self.identity.user, since).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = self.conn.open(frame(&ServerMessage::error(&e)), 0);
+                return Err(Some((close::INTERNAL, "store unavailable")));
+            }
+        };
+        let seq = snap.seq;
+        match self.conn.open(frame(&ServerMessage::Welcome(snap)), seq) {
+            Ok(true) => self.flush().await.map_err(|_| None),
+            Ok(false) => Ok(()),
+            Err(_) => Err(None),
         }
     }
 
-    fn note(&mut self, ev: &Event) {
-        if let EventKind::Discrete { seq } = ev.kind
-            && seq > self.last_seq
+    async fn flush(&self) -> Result<(), conn::Closed> {
+        self.conn.flush(self.write_timeout).await
+    }
+
+    /// The session's life after the welcome: reads, wake-ups from the fan-out, until an end.
+    async fn serve(&mut self) -> End {
+        // Frames the client sent right behind its handshake are already in the decoder.
+        if self.decoder.has_pending()
+            && let Err(end) = Box::pin(self.on_decoded()).await
         {
-            self.last_seq = seq;
+            return end;
         }
-    }
-
-    async fn send(&self, sink: &mut Sink, msg: Message) -> bool {
-        matches!(
-            tokio::time::timeout(self.write_timeout, sink.send(msg)).await,
-            Ok(Ok(()))
-        )
-    }
-
-    async fn run(
-        mut self,
-        mut sink: Sink,
-        mut rx: broadcast::Receiver<Event>,
-        mut direct: mpsc::Receiver<Message>,
-    ) {
-        let shutdown = self.state.shutdown.clone();
         loop {
-            tokio::select! {
+            let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    let _ = self.send(&mut sink, close_msg(close::GOING_AWAY, "server shutting down")).await;
-                    return;
-                }
-                m = direct.recv() => match m {
-                    Some(msg) => {
-                        let closing = matches!(msg, Message::Close(_));
-                        if !self.send(&mut sink, msg).await || closing {
-                            return;
-                        }
-                    }
-                    None => {
-                        let _ = tokio::time::timeout(self.write_timeout, sink.close()).await;
-                        return;
-                    }
-                },
-                r = rx.recv() => match r {
-                    Ok(ev) => {
-                        if !self.forward_batch(&mut sink, &mut rx, ev).await {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if !Box::pin(self.resync(&mut sink)).await {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-            }
-        }
-    }
-
-    /// Writes `first` and whatever else is already queued (up to `BATCH`) with one flush.
-    async fn forward_batch(
-        &mut self,
-        sink: &mut Sink,
-        rx: &mut broadcast::Receiver<Event>,
-        first: Event,
-    ) -> bool {
-        let mut batch = Vec::with_capacity(8);
-        let mut lagged = false;
-        if self.wanted(&first) {
-            self.note(&first);
-            batch.push(first);
-        }
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(ev) => {
-                    if self.wanted(&ev) {
-                        self.note(&ev);
-                        batch.push(ev);
-                    }
-                }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                    lagged = true;
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        // A kick ends the batch: the viewer gets its error frame, then the close.
-        let kicked = batch
-            .iter()
-            .position(|ev| matches!(ev.kind, EventKind::Kick { .. }));
-        if let Some(i) = kicked {
-            batch.truncate(i + 1);
-        }
-        if !batch.is_empty() {
-            let write = async {
-                for ev in batch {
-                    sink.feed(Message::Text(ev.text)).await?;
-                }
-                sink.flush().await
+                _ = self.conn.woken() => Next::Wake,
+                r = self.conn.stream().readable() => Next::Readable(r),
             };
-            if !matches!(
-                tokio::time::timeout(self.write_timeout, write).await,
-                Ok(Ok(()))
-            ) {
-                return false;
+            // Boxed: only the wait above stays in an idle session's state; the work of a
+            // wake-up or a read lives on the heap just while it runs.
+            let step = match next {
+                Next::Wake => Box::pin(self.on_wake()).await,
+                Next::Readable(Ok(())) => Box::pin(self.on_readable()).await,
+                Next::Readable(Err(_)) => Err(None),
+            };
+            if let Err(end) = step {
+                return end;
             }
         }
-        if kicked.is_some() {
-            let _ = self
-                .send(sink, close_msg(close::BANNED, "banned from this room"))
-                .await;
-            return false;
-        }
-        if lagged {
-            return Box::pin(self.resync(sink)).await;
-        }
-        true
     }
 
-    /// The viewer fell behind the room ring: send a fresh snapshot (with every chat message
-    /// it missed, when history still holds them), or disconnect it if this keeps happening.
-    async fn resync(&mut self, sink: &mut Sink) -> bool {
+    /// The fan-out or a control path changed something: flush, resync or close.
+    async fn on_wake(&mut self) -> Result<(), End> {
+        match self.conn.phase() {
+            Phase::Closed => Err(None),
+            Phase::Closing { code, reason } => Err(Some((code, reason))),
+            Phase::Lagged => self.resync().await,
+            Phase::Holding | Phase::Open => self.flush().await.map_err(|_| None),
+        }
+    }
+
+    /// Reads what the socket has (into a stack buffer, so nothing stays allocated between
+    /// frames).
+    fn read_some(&mut self) -> Read {
+        let mut chunk = [0u8; READ_CHUNK];
+        match self.conn.stream().try_read(&mut chunk) {
+            Ok(0) => Read::Eof,
+            Ok(n) => {
+                self.decoder.feed(&chunk[..n]);
+                self.conn.heard();
+                Read::Data
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read::Nothing,
+            Err(_) => Read::Eof,
+        }
+    }
+
+    async fn on_readable(&mut self) -> Result<(), End> {
+        match self.read_some() {
+            Read::Nothing => Ok(()),
+            Read::Eof => Err(None),
+            Read::Data => self.on_decoded().await,
+        }
+    }
+
+    /// Handles every complete message the decoder holds.
+    async fn on_decoded(&mut self) -> Result<(), End> {
+        let mut messages = Vec::new();
+        let violation = loop {
+            match self.decoder.next_message() {
+                Ok(Some(m)) => messages.push(m),
+                Ok(None) => break None,
+                Err(v) => break Some(v),
+            }
+        };
+        // Several commands in one read (a pipelining client): their replies go in one write.
+        let corked = messages.len() > 1;
+        if corked {
+            self.conn.cork();
+        }
+        let mut outcome = Ok(());
+        for message in messages {
+            outcome = self.on_message(message).await;
+            if outcome.is_err() {
+                break;
+            }
+        }
+        if corked && self.conn.uncork() && outcome.is_ok() {
+            outcome = self.flush().await.map_err(|_| None);
+        }
+        outcome?;
+        match violation {
+            Some(v) => Err(Some((v.code(), v.reason()))),
+            None => Ok(()),
+        }
+    }
+
+    async fn on_message(&mut self, message: Incoming) -> Result<(), End> {
+        match message {
+            Incoming::Text(t) => {
+                // Boxed: a command's future is large and short-lived; inline it would sit
+                // in every idle session's state for its whole life.
+                if Box::pin(self.handle(&t)).await {
+                    Ok(())
+                } else {
+                    Err(None)
+                }
+            }
+            Incoming::Binary => {
+                let e = AppError::bad_request("bad_message", "binary frames are not supported");
+                self.ok_or_end(self.reply(ServerMessage::error(&e)).await)
+            }
+            Incoming::Ping(payload) => {
+                let sent = self.send(codec::pong(&payload)).await;
+                self.ok_or_end(sent)
+            }
+            Incoming::Pong => Ok(()),
+            Incoming::Close(code) => {
+                // Answer the client's close with its own code; then the session is over.
+                let echo = code.unwrap_or(close::NORMAL);
+                let _ = self.conn.send(codec::close(echo, ""));
+                Err(None)
+            }
+        }
+    }
+
+    fn ok_or_end(&self, sent: bool) -> Result<(), End> {
+        if sent { Ok(()) } else { Err(None) }
+    }
+
+    /// Sends one of the session's own frames; false when the connection is gone.
+    async fn send(&self, bytes: Bytes) -> bool {
+        match self.conn.send(bytes) {
+            Ok(false) => true,
+            Ok(true) => self.flush().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    async fn reply(&self, msg: ServerMessage) -> bool {
+        self.send(frame(&msg)).await
+    }
+
+    /// A session-ending refusal: the close code is sent by `finish`.
+    fn closing(&self, code: u16, reason: &'static str) -> bool {
+        self.conn.close(code, reason);
+        false
+    }
+
+    /// The viewer fell behind the room: send a fresh snapshot (with every chat message it
+    /// missed, when history still holds them), or disconnect it if this keeps happening.
+    async fn resync(&mut self) -> Result<(), End> {
         let now = Instant::now();
         self.resyncs
             .retain(|t| now.duration_since(*t) < Duration::from_secs(60));
         self.resyncs.push(now);
         if self.resyncs.len() > self.state.config.max_resyncs as usize {
-            tracing::info!(room = %self.room.id, user = %self.you.id, "viewer lagging; disconnecting");
-            let _ = self
-                .send(
-                    sink,
-                    close_msg(close::LAGGING, "too slow: fell behind the room"),
-                )
-                .await;
-            return false;
+            tracing::info!(room = %self.room.id, user = %self.identity.user.id, "viewer lagging; disconnecting");
+            return Err(Some((close::LAGGING, "too slow: fell behind the room")));
         }
-        match snapshot(&self.state, &self.room, &self.you, Some(self.last_seq)).await {
+        let last_seq = self.conn.hold();
+        let snap = snapshot(&self.state, &self.room, &self.identity.user, Some(last_seq)).await;
+        let (bytes, seq) = match snap {
             Ok(snap) => {
-                self.last_seq = snap.seq.max(self.last_seq);
-                self.send(sink, text(&ServerMessage::Resync(snap))).await
+                let seq = snap.seq.max(last_seq);
+                (frame(&ServerMessage::Resync(snap)), seq)
             }
-            Err(e) => self.send(sink, text(&ServerMessage::error(&e))).await,
+            Err(e) => (frame(&ServerMessage::error(&e)), last_seq),
+        };
+        match self.conn.open(bytes, seq) {
+            Ok(true) => self.flush().await.map_err(|_| None),
+            Ok(false) => Ok(()),
+            Err(_) => Err(None),
         }
     }
-}
 
-struct Reader {
-    state: AppState,
-    room: Room,
-    identity: Identity,
-    addr: ClientAddr,
-    direct: mpsc::Sender<Message>,
-}
-
-type Stream = futures_util::stream::SplitStream<WebSocket>;
-
-impl Reader {
-    /// Queues a frame for the writer. Boxed: the queue's send future is short-lived, and
-    /// inline in `run` it would sit in every idle session.
-    async fn queue(&self, msg: Message) -> bool {
-        Box::pin(self.direct.send(msg)).await.is_ok()
-    }
-
-    async fn reply(&self, msg: ServerMessage) -> bool {
-        self.queue(text(&msg)).await
-    }
-
-    async fn close(&self, code: u16, reason: &'static str) {
-        let _ = self.queue(close_msg(code, reason)).await;
-    }
-
-    async fn run(self, mut stream: Stream) {
-        let idle = Duration::from_secs(self.state.config.idle_secs);
-        let mut pinged = false;
-        loop {
-            let next = match tokio::time::timeout(idle, stream.next()).await {
-                Ok(n) => n,
-                Err(_) if !pinged => {
-                    pinged = true;
-                    if !self
-                        .queue(Message::Ping(bytes::Bytes::from_static(b"livedrop")))
-                        .await
-                    {
-                        return;
-                    }
-                    continue;
-                }
-                Err(_) => {
-                    self.close(close::IDLE, "idle: no answer to ping").await;
+    /// Ends the connection: our close frame (if any) after what is queued, a half-close, and
+    /// a short, bounded wait for the peer to read it and hang up.
+    async fn finish(&mut self, end: End) {
+        let end = match (end, self.conn.phase()) {
+            (None, Phase::Closing { code, reason }) => Some((code, reason)),
+            (end, _) => end,
+        };
+        if let Some((code, reason)) = end
+            && self.conn.send(codec::close(code, reason)).is_ok()
+        {
+            let _ = self.conn.flush(self.write_timeout.min(LINGER * 5)).await;
+        } else {
+            let _ = self.conn.flush(LINGER).await;
+        }
+        self.conn.set_closed();
+        let stream = self.conn.stream();
+        let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut discarded = 0;
+            while discarded < LINGER_BYTES {
+                if stream.readable().await.is_err() {
                     return;
                 }
-            };
-            pinged = false;
-            match next {
-                None | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(Message::Text(t))) => {
-                    // Boxed: a command's future is large and short-lived; inline it would
-                    // sit in every idle session's state for its whole life.
-                    if !Box::pin(self.handle(t.as_str())).await {
-                        return;
-                    }
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    let e = AppError::bad_request("bad_message", "binary frames are not supported");
-                    if !self.reply(ServerMessage::error(&e)).await {
-                        return;
-                    }
-                }
-                Some(Ok(_)) => {} // ping/pong: answered by the WebSocket layer
-                Some(Err(e)) => {
-                    let what = e.to_string();
-                    if what.contains("too long") || what.contains("Space limit") {
-                        self.close(close::TOO_BIG, "message too big").await;
-                    } else if what.to_ascii_lowercase().contains("utf-8") {
-                        self.close(close::INVALID_DATA, "invalid UTF-8").await;
-                    }
-                    return;
+                let mut sink = [0u8; READ_CHUNK];
+                match stream.try_read(&mut sink) {
+                    Ok(0) => return,
+                    Ok(n) => discarded += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
                 }
             }
-        }
+        })
+        .await;
+        let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Both);
     }
 
     /// Handles one client frame; false when the session should end.
@@ -441,8 +426,7 @@ impl Reader {
             && let Err(e) = self.identity.check_live()
         {
             let _ = self.reply(ServerMessage::error(&e)).await;
-            self.close(close::TOKEN_EXPIRED, "token expired").await;
-            return false;
+            return self.closing(close::TOKEN_EXPIRED, "token expired");
         }
         match msg {
             ClientMessage::Ping => self.reply(ServerMessage::Pong).await,

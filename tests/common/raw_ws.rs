@@ -33,6 +33,12 @@ pub struct RawWs {
 
 impl RawWs {
     pub async fn connect(srv: &TestServer, room: &str, token: &str) -> RawWs {
+        Self::connect_with(srv, room, token, &[]).await
+    }
+
+    /// Like `connect`, with `early` (e.g. frames) sent in the same write as the handshake,
+    /// before the server's answer.
+    pub async fn connect_with(srv: &TestServer, room: &str, token: &str, early: &[u8]) -> RawWs {
         let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
         let req = format!(
             "GET /ws/rooms/{room}?token={token} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
@@ -40,7 +46,9 @@ impl RawWs {
              Sec-WebSocket-Version: 13\r\n\r\n",
             srv.addr
         );
-        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(early);
+        tcp.write_all(&bytes).await.unwrap();
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             head.push(tcp.read_u8().await.unwrap());
