@@ -2,8 +2,8 @@
 //! `name`, `role` and `exp`; only HS256 is accepted, so `alg: none` and algorithm-confusion
 //! tokens are refused before any claim is read.
 
+use crate::hashing::FastDashMap;
 use axum::http::HeaderMap;
-use dashmap::DashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -111,7 +111,7 @@ pub struct Authenticator {
     /// Tokens already verified, by their exact text: a viewer sends the same token with
     /// every request, and HMAC + base64 + JSON was ~14 % of the claim path's CPU. Only the
     /// expiry is re-checked on a hit; a token that differs in any byte is verified afresh.
-    verified: DashMap<Box<str>, Identity>,
+    verified: FastDashMap<Box<str>, Identity>,
 }
 
 /// Seconds of clock skew allowed on `exp` (as the JWT library is told).
@@ -129,7 +129,7 @@ impl Authenticator {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
-            verified: DashMap::new(),
+            verified: FastDashMap::default(),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod commerce;
 pub mod config;
 pub mod error;
+pub mod hashing;
 pub mod http_server;
 pub mod hub;
 pub mod limits;

@@ -12,7 +12,7 @@ use super::extract::required_idempotency_key;
 use super::rooms::find_room;
 use super::{Authed, Client, JsonBody};
 use crate::auth::Role;
-use crate::commerce::{NewDrop, claim_json, drop_json};
+use crate::commerce::{NewDrop, claim_json, claim_value, drop_json};
 use crate::error::AppResult;
 use crate::state::AppState;
 
@@ -85,7 +85,7 @@ pub async fn claim(
         .commerce
         .claim(&who.user, &drop, &body.qty, key)
         .await?;
-    Ok((StatusCode::CREATED, Json(claim_json(&res.claim))))
+    Ok((StatusCode::CREATED, Json(claim_json(&res.claim))).into_response())
 }
 
 pub async fn confirm(
@@ -94,7 +94,7 @@ pub async fn confirm(
     Path(claim): Path<String>,
 ) -> AppResult<impl IntoResponse> {
     let t = state.commerce.confirm(&who.user, &claim).await?;
-    Ok(Json(claim_json(&t.claim)))
+    Ok(Json(claim_json(&t.claim)).into_response())
 }
 
 pub async fn release(
@@ -103,7 +103,7 @@ pub async fn release(
     Path(claim): Path<String>,
 ) -> AppResult<impl IntoResponse> {
     let t = state.commerce.release(&who.user, &claim).await?;
-    Ok(Json(claim_json(&t.claim)))
+    Ok(Json(claim_json(&t.claim)).into_response())
 }
 
 pub async fn my_claims(
@@ -115,7 +115,7 @@ pub async fn my_claims(
         .my_claims(&who.user)
         .await?
         .iter()
-        .map(claim_json)
+        .map(claim_value)
         .collect();
     Ok(Json(json!({ "claims": claims })))
 }

@@ -4,6 +4,7 @@
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
 use crate::auth::Identity;
@@ -25,21 +26,44 @@ impl FromRequestParts<AppState> for Authed {
 /// A JSON body; malformed JSON, a wrong content type or a wrong shape is `bad_json` (400).
 pub struct JsonBody<T>(pub T);
 
+/// `application/json`, or any `application/*+json`.
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .is_some_and(|m| {
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        })
+}
+
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+        if !is_json(req.headers()) {
+            return Err(AppError::bad_request(
+                "bad_json",
+                "expected a request with Content-Type: application/json",
+            ));
+        }
+        // The body limit (`DefaultBodyLimit`) applies here; serde_json parses the bytes in
+        // place (no path tracking: the error names line and column).
+        let bytes = match Bytes::from_request(req, state).await {
+            Ok(b) => b,
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(AppError::new(
+                return Err(AppError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",
                     rejection.body_text(),
-                ))
+                ));
             }
-            Err(rejection) => Err(AppError::bad_request("bad_json", rejection.body_text())),
-        }
+            Err(rejection) => return Err(AppError::bad_request("bad_json", rejection.body_text())),
+        };
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| AppError::bad_request("bad_json", format!("bad JSON body: {e}")))
     }
 }
 

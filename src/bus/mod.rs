@@ -6,7 +6,6 @@
 
 use std::sync::{Arc, OnceLock};
 
-
 /// How the hub treats an event on delivery.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {

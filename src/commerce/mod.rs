@@ -7,8 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap::{DashMap, DashSet};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +15,7 @@ pub mod groups;
 
 use crate::bus::{Bus, Event, EventKind};
 use crate::error::{AppError, AppResult};
+use crate::hashing::{FastDashMap, FastDashSet};
 use crate::model::{Claim, Drop, DropKind, DropState, Millis, StockLevels, User, now_millis};
 use crate::protocol::{ServerMessage, check_id};
 use crate::store::{ClaimRequest, Reservation, Store, Transition, claim_drop};
@@ -177,15 +177,49 @@ pub fn parse_qty(v: &serde_json::Value) -> AppResult<u64> {
         })
 }
 
+/// A claim as clients see it. Serialized straight from the record (no intermediate JSON
+/// value): it is the answer to every claim, the hottest response there is.
+#[derive(Serialize)]
+pub struct ClaimJson<'a> {
+    claim_id: &'a str,
+    drop: &'a str,
+    qty: u64,
+    status: &'static str,
+    expires_at: Rfc3339,
+}
+
 /// The JSON of a claim as clients see it.
-pub fn claim_json(c: &Claim) -> serde_json::Value {
-    json!({
-        "claim_id": c.claim_id,
-        "drop": c.drop,
-        "qty": c.qty,
-        "status": c.status.as_str(),
-        "expires_at": format_time(c.expires_at),
-    })
+pub fn claim_json(c: &Claim) -> ClaimJson<'_> {
+    ClaimJson {
+        claim_id: &c.claim_id,
+        drop: &c.drop,
+        qty: c.qty,
+        status: c.status.as_str(),
+        expires_at: Rfc3339(c.expires_at),
+    }
+}
+
+/// [`claim_json`] as a JSON value, for frames and lists that embed claims.
+pub fn claim_value(c: &Claim) -> serde_json::Value {
+    serde_json::to_value(claim_json(c)).unwrap_or_default()
+}
+
+/// Milliseconds serialized as an RFC 3339 string, formatted on a stack buffer.
+pub struct Rfc3339(pub Millis);
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut buf = [0u8; 64];
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        let written = time::OffsetDateTime::from_unix_timestamp_nanos(self.0 as i128 * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format_into(&mut cursor, &time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or(0);
+        serializer.serialize_str(std::str::from_utf8(&buf[..written]).unwrap_or_default())
+    }
 }
 
 /// A drop as clients see it: the record, its counters, and times in RFC 3339.
@@ -214,12 +248,12 @@ pub struct Commerce {
     bus: Arc<dyn Bus>,
     key_ttl_secs: u64,
     /// Drops whose counters changed since the last stock frame.
-    dirty: DashSet<String>,
+    dirty: FastDashSet<String>,
     /// Sold out with nothing reserved (permanent): the users holding units, the only ones
     /// whose retries still need the store.
-    finished: DashMap<String, Arc<HashSet<String>>>,
-    last_purchase: DashMap<String, Millis>,
-    rooms: DashMap<String, String>,
+    finished: FastDashMap<String, Arc<HashSet<String>>>,
+    last_purchase: FastDashMap<String, Millis>,
+    rooms: FastDashMap<String, String>,
 }
 
 impl Commerce {
@@ -228,10 +262,10 @@ impl Commerce {
             store,
             bus,
             key_ttl_secs,
-            dirty: DashSet::new(),
-            finished: DashMap::new(),
-            last_purchase: DashMap::new(),
-            rooms: DashMap::new(),
+            dirty: FastDashSet::default(),
+            finished: FastDashMap::default(),
+            last_purchase: FastDashMap::default(),
+            rooms: FastDashMap::default(),
         }
     }
 
@@ -347,7 +381,9 @@ impl Commerce {
     }
 
     async fn after_transition(&self, room: &str, drop: &str, levels: StockLevels) {
-        self.dirty.insert(drop.to_string());
+        if !self.dirty.contains(drop) {
+            self.dirty.insert(drop.to_string());
+        }
         if levels.remaining == 0 {
             self.publish(
                 room,
@@ -368,19 +404,17 @@ impl Commerce {
 
     fn sample_purchase(&self, room: &str, drop: &str, user: &User, qty: u64) {
         let now = now_millis();
-        let mut due = false;
-        self.last_purchase
-            .entry(drop.to_string())
-            .and_modify(|t| {
-                if now - *t >= PURCHASE_SAMPLE_MS {
-                    *t = now;
-                    due = true;
-                }
-            })
-            .or_insert_with(|| {
-                due = true;
-                now
-            });
+        let due = match self.last_purchase.get_mut(drop) {
+            Some(mut last) if now - *last >= PURCHASE_SAMPLE_MS => {
+                *last = now;
+                true
+            }
+            Some(_) => false,
+            None => {
+                self.last_purchase.insert(drop.to_string(), now);
+                true
+            }
+        };
         if due {
             self.publish(
                 room,

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::{Identity, Role};
 use crate::commerce::groups::group_json;
-use crate::commerce::{claim_json, drop_json, is_live};
+use crate::commerce::{claim_value, drop_json, is_live};
 use crate::error::{AppError, AppResult};
 use crate::hub::ViewerGuard;
 use crate::limits::{ClientAddr, ConnPermit};
@@ -478,7 +478,7 @@ impl Session {
                     Ok(()) => state.commerce.claim(user, &drop, &qty, &key).await,
                     Err(e) => Err(e),
                 };
-                self.reply(command_result(key, result.map(|r| claim_json(&r.claim))))
+                self.reply(command_result(key, result.map(|r| claim_value(&r.claim))))
                     .await
             }
             ClientMessage::Confirm { claim } => {
@@ -486,7 +486,7 @@ impl Session {
                     Ok(()) => state.commerce.confirm(user, &claim).await,
                     Err(e) => Err(e),
                 };
-                self.reply(command_result(claim, result.map(|t| claim_json(&t.claim))))
+                self.reply(command_result(claim, result.map(|t| claim_value(&t.claim))))
                     .await
             }
             ClientMessage::Release { claim } => {
@@ -494,7 +494,7 @@ impl Session {
                     Ok(()) => state.commerce.release(user, &claim).await,
                     Err(e) => Err(e),
                 };
-                self.reply(command_result(claim, result.map(|t| claim_json(&t.claim))))
+                self.reply(command_result(claim, result.map(|t| claim_value(&t.claim))))
                     .await
             }
             ClientMessage::OpenGroup { drop, key } => {

@@ -8,6 +8,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use dashmap::DashMap;
 
+use crate::hashing::{FastDashMap, FastMap};
+
 use super::{
     ClaimRequest, GroupAnswer, GroupRequest, GroupSweep, Reservation, SWEEP_BATCH, Store, Sweep,
     Transition, claim_drop, group_drop,
@@ -36,18 +38,18 @@ struct DropData {
     levels: StockLevels,
     ended: bool,
     next_claim: u64,
-    claims: HashMap<String, Claim>,
+    claims: FastMap<String, Claim>,
     /// Reserved claims by hold deadline: (expires_at, claim number, claim id).
     holds: BTreeSet<(Millis, u64, String)>,
-    per_user: HashMap<String, u64>,
-    idem: HashMap<(String, String), IdemRecord>,
+    per_user: FastMap<String, u64>,
+    idem: FastMap<(String, String), IdemRecord>,
     ledger: Vec<LedgerEntry>,
     next_group: u64,
-    groups: HashMap<String, Group>,
+    groups: FastMap<String, Group>,
     /// Open groups by deadline: (expires_at, group number, group id).
     group_due: BTreeSet<(Millis, u64, String)>,
     /// Group idempotency records: (user, `open:KEY` or `GROUP:KEY`) -> (group id, expiry).
-    group_idem: HashMap<(String, String), (String, Millis)>,
+    group_idem: FastMap<(String, String), (String, Millis)>,
 }
 
 impl DropData {
@@ -219,9 +221,9 @@ fn hold_key(c: &Claim) -> (Millis, u64, String) {
 #[derive(Default)]
 pub struct MemoryStore {
     rooms: DashMap<String, Mutex<RoomData>>,
-    drops: DashMap<String, Mutex<DropData>>,
+    drops: FastDashMap<String, Mutex<DropData>>,
     room_drops: DashMap<String, Vec<String>>,
-    user_claims: DashMap<String, Vec<String>>,
+    user_claims: FastDashMap<String, Vec<String>>,
     /// Moderation record and log per room.
     moderation: DashMap<String, (HashMap<String, String>, VecDeque<String>)>,
 }
@@ -420,15 +422,15 @@ impl Store for MemoryStore {
             levels,
             ended: false,
             next_claim: 0,
-            claims: HashMap::new(),
+            claims: FastMap::default(),
             holds: BTreeSet::new(),
-            per_user: HashMap::new(),
-            idem: HashMap::new(),
+            per_user: FastMap::default(),
+            idem: FastMap::default(),
             ledger: Vec::new(),
             next_group: 0,
-            groups: HashMap::new(),
+            groups: FastMap::default(),
             group_due: BTreeSet::new(),
-            group_idem: HashMap::new(),
+            group_idem: FastMap::default(),
         };
         data.log("create", None, drop.stock, drop.created_at);
         let state = data.state();
