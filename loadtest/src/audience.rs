@@ -2,7 +2,8 @@
 //! fleet of viewers spread over loopback source addresses with bounded handshakes in flight;
 //! the chat probe — a publisher that embeds its send time in each message, and the viewers'
 //! side that turns arrivals into end-to-end latency (also for messages recovered through a
-//! `resync`); and the bookkeeping of sockets the server closed.
+//! `resync`), recognising the run's chat frames by their bytes, without a JSON parse; and the
+//! bookkeeping of sockets the server closed.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
@@ -10,12 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::SplitStream;
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::report::{Counts, Latency, LatencySummary, bump, format_counts, merge_counts};
 use crate::series::Series;
@@ -63,12 +63,21 @@ struct ErrorFrame {
     code: String,
 }
 
+/// How every chat frame starts, from livedrop and from a plain peer alike.
+const CHAT_FRAME: &str = "{\"type\":\"chat\"";
+/// How a `resync` frame starts.
+const RESYNC_FRAME: &str = "{\"type\":\"resync\"";
+
 /// The chat latency probe every viewer task shares.
 pub struct ChatProbe {
     /// Every timestamp is microseconds since this instant.
     epoch: Instant,
     /// `lt RUN `: marks the run's messages.
     marker: String,
+    /// `,"text":"lt RUN `: where one of the run's messages starts in a chat frame. Inside a
+    /// JSON string every `"` is escaped, so these bytes only occur as the frame's `text` key
+    /// (never the first key: that is `type`) followed by a text that starts with the marker.
+    text_with_marker: String,
     received: Arc<AtomicU64>,
     last_arrival_us: AtomicU64,
     resyncs: AtomicU64,
@@ -86,6 +95,7 @@ impl ChatProbe {
         Self {
             epoch,
             marker: format!("lt {run_id} "),
+            text_with_marker: format!(",\"text\":\"lt {run_id} "),
             received: Arc::new(AtomicU64::new(0)),
             last_arrival_us: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
@@ -107,11 +117,18 @@ impl ChatProbe {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// The embedded send time of one of this run's messages.
+    /// The embedded send time of a chat text that is one of this run's messages.
     fn sent_at(&self, text: &str) -> Option<u64> {
-        let rest = text.strip_prefix(self.marker.as_str())?;
-        let (_n, us) = rest.split_once(' ')?;
-        us.parse().ok()
+        send_time(text.strip_prefix(self.marker.as_str())?)
+    }
+
+    /// The embedded send time of a chat frame (as the server sent it, not parsed) that
+    /// carries one of this run's messages. The text ends at the first `"`: an escape before
+    /// it (a `\`) makes it no message of this run, as it does for `sent_at`.
+    fn frame_sent_at(&self, frame: &str) -> Option<u64> {
+        let (_, text_from_index) = frame.split_once(self.text_with_marker.as_str())?;
+        let (index_and_time, _) = text_from_index.split_once('"')?;
+        send_time(index_and_time)
     }
 
     /// The `n`-th chat frame, stamped with the current time.
@@ -123,12 +140,12 @@ impl ChatProbe {
         )
     }
 
-    fn arrived(&self, text: &str, batch: &mut Vec<(u64, u64)>) {
-        if let Some(sent) = self.sent_at(text) {
+    /// Records the arrival, now, of a message sent at `sent` (µs).
+    fn arrived(&self, sent: Option<u64>, batch: &mut Vec<(u64, u64)>) {
+        if let Some(sent) = sent {
             let now = self.now_us();
             batch.push((now, now.saturating_sub(sent)));
             self.received.fetch_add(1, Ordering::Relaxed);
-            self.last_arrival_us.fetch_max(now, Ordering::Relaxed);
             if batch.len() >= BATCH {
                 self.flush(batch);
             }
@@ -136,17 +153,16 @@ impl ChatProbe {
     }
 
     /// Handles a `chat` or `resync` frame (true), or leaves the frame to the caller (false).
+    /// A chat frame is read by its bytes; only the rare `resync` is parsed as JSON.
     pub fn on_text(&self, t: &str, batch: &mut Vec<(u64, u64)>) -> bool {
-        if t.starts_with("{\"type\":\"chat\"") {
-            if let Ok(c) = serde_json::from_str::<ChatText>(t) {
-                self.arrived(&c.text, batch);
-            }
+        if t.starts_with(CHAT_FRAME) {
+            self.arrived(self.frame_sent_at(t), batch);
             true
-        } else if t.starts_with("{\"type\":\"resync\"") {
+        } else if t.starts_with(RESYNC_FRAME) {
             self.resyncs.fetch_add(1, Ordering::Relaxed);
             if let Ok(r) = serde_json::from_str::<ResyncChat>(t) {
                 for c in &r.chat {
-                    self.arrived(&c.text, batch);
+                    self.arrived(self.sent_at(&c.text), batch);
                 }
             }
             true
@@ -157,9 +173,12 @@ impl ChatProbe {
 
     /// Moves a viewer's batch of `(arrival µs, latency µs)` into the shared histograms.
     pub fn flush(&self, batch: &mut Vec<(u64, u64)>) {
-        if batch.is_empty() {
+        let Some(last_arrival) = batch.iter().map(|(at, _)| *at).max() else {
             return;
-        }
+        };
+        // Here rather than per arrival: one contended write per batch, not per frame.
+        self.last_arrival_us
+            .fetch_max(last_arrival, Ordering::Relaxed);
         if let Ok(mut h) = self.latency.lock() {
             for (_, us) in batch.iter() {
                 h.record_micros(*us);
@@ -211,7 +230,8 @@ impl ChatProbe {
         self.received.clone()
     }
 
-    /// µs (since the epoch) of the last arrival.
+    /// µs (since the epoch) of the last arrival flushed so far (all of them, once the
+    /// viewers have stopped).
     pub fn last_arrival_us(&self) -> u64 {
         self.last_arrival_us.load(Ordering::Relaxed)
     }
@@ -240,44 +260,15 @@ impl ChatProbe {
     }
 }
 
-/// What a viewer's read loop got next.
-pub enum Next {
-    /// A text frame.
-    Text(Utf8Bytes),
-    /// The run told the viewer to stop.
-    Stop,
-    /// The socket ended (the reason is counted in the probe).
-    Ended,
-}
-
-/// Reads the next text frame, skipping others, until `stop` fires or the socket ends.
-pub async fn next_text(
-    stream: &mut SplitStream<Socket>,
-    stop: &mut watch::Receiver<bool>,
-    probe: &ChatProbe,
-) -> Next {
-    loop {
-        let next = tokio::select! {
-            _ = stop.changed() => return Next::Stop,
-            m = stream.next() => m,
-        };
-        match next {
-            Some(Ok(Message::Text(t))) => return Next::Text(t),
-            Some(Ok(Message::Close(c))) => {
-                let code = c.map(|f| u16::from(f.code).to_string()).unwrap_or_default();
-                probe.note_close(&format!("close {code}"));
-                return Next::Ended;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                probe.note_close(&format!("error: {e}"));
-                return Next::Ended;
-            }
-            None => {
-                probe.note_close("eof");
-                return Next::Ended;
-            }
-        }
+/// The send time in `N µs` — a message's index and send time, both decimal, as the
+/// publisher writes them after the marker; `None` for anything else.
+fn send_time(index_and_time: &str) -> Option<u64> {
+    let (index, micros) = index_and_time.split_once(' ')?;
+    let decimal = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if decimal(index) && decimal(micros) {
+        micros.parse().ok()
+    } else {
+        None
     }
 }
 
@@ -398,7 +389,7 @@ impl std::fmt::Display for ConnectSummary {
     }
 }
 
-/// A connected fleet of viewers, each running its own task.
+/// A connected fleet of viewers, each running its own task on its own socket.
 pub struct Fleet {
     pub connected: u64,
     pub failures: Counts,
@@ -409,13 +400,14 @@ pub struct Fleet {
 
 impl Fleet {
     /// Connects `n` viewers, at most `concurrency` handshakes at once, within the connect
-    /// phase limit. `connect(i)` opens viewer `i`'s socket; `body(i, socket)` then runs as
-    /// that viewer until it returns.
-    pub async fn connect<C, CF, B, BF>(n: u32, concurrency: u32, connect: C, body: B) -> Self
+    /// phase limit. `connect(i)` opens viewer `i`'s socket (of any kind `S`); `body(i,
+    /// socket)` then runs as that viewer until it returns.
+    pub async fn connect<S, C, CF, B, BF>(n: u32, concurrency: u32, connect: C, body: B) -> Self
     where
+        S: Send + 'static,
         C: Fn(u32) -> CF + Send + Sync + Clone + 'static,
-        CF: Future<Output = anyhow::Result<Socket>> + Send,
-        B: Fn(u32, Socket) -> BF + Send + Sync + Clone + 'static,
+        CF: Future<Output = anyhow::Result<S>> + Send,
+        B: Fn(u32, S) -> BF + Send + Sync + Clone + 'static,
         BF: Future<Output = ()> + Send,
     {
         let (conn_tx, mut conn_rx) = mpsc::channel::<Result<Duration, String>>(1024);
@@ -531,6 +523,71 @@ mod tests {
         probe.flush(&mut batch);
         assert_eq!(probe.latency_since_mark().count, 1);
         assert_eq!(probe.latency().count, 3);
+    }
+
+    #[test]
+    fn chat_frames_are_recognised_by_their_bytes_exactly() {
+        let probe = ChatProbe::new("1a2b", Instant::now(), "chat");
+        let count = |frame: &str| {
+            let before = probe.received();
+            let mut batch = Vec::new();
+            assert!(probe.on_text(frame, &mut batch), "{frame}");
+            probe.flush(&mut batch);
+            probe.received() - before
+        };
+        // As livedrop relays it, and as a plain peer relays the publisher's frame.
+        assert_eq!(
+            count(
+                r#"{"type":"chat","seq":12,"id":"c12","user":{"id":"lt-pub","role":"viewer"},"name":"lt-pub","text":"lt 1a2b 17 1234567","ts":1700000000000}"#
+            ),
+            1
+        );
+        assert_eq!(count(r#"{"type":"chat","text":"lt 1a2b 17 1234567"}"#), 1);
+        assert_eq!(count(&probe.frame(3)), 1);
+        // The marker elsewhere than at the start of the text, or in another field.
+        assert_eq!(
+            count(r#"{"type":"chat","text":"hi lt 1a2b 17 1234567"}"#),
+            0
+        );
+        assert_eq!(
+            count(r#"{"type":"chat","name":"lt 1a2b 1 2","text":"lt 1a2b 17 1234567"}"#),
+            1
+        );
+        assert_eq!(
+            count(r#"{"type":"chat","name":"x\",\"text\":\"lt 1a2b 1 2","text":"hello"}"#),
+            0
+        );
+        // A text quoting one of the run's messages is not one, nor counted twice.
+        assert_eq!(
+            count(r#"{"type":"chat","text":"lt 1a2b 1 2 said \"text\":\"lt 1a2b 3 4\""}"#),
+            0
+        );
+        assert_eq!(
+            count(r#"{"type":"chat","text":"see \"text\":\"lt 1a2b 3 4\""}"#),
+            0
+        );
+        // Anything but `N µs` after the marker, another run's marker, an escape.
+        for text in [
+            "lt 1a2b 17",
+            "lt 1a2b 17 ",
+            "lt 1a2b  1234567",
+            "lt 1a2b 17 +1234567",
+            "lt 1a2b 17 1234567 more",
+            "lt 1a2b 17 99999999999999999999999",
+            "lt 1a2b0 17 1234567",
+            "lt 1a2 17 1234567",
+            r"lt 1a2b 17 1234567\u0020",
+            r#"lt 1a2b 17 1234567\""#,
+        ] {
+            assert_eq!(
+                count(&format!(r#"{{"type":"chat","text":"{text}"}}"#)),
+                0,
+                "{text}"
+            );
+            let resync = format!(r#"{{"type":"resync","chat":[{{"text":"{text}"}}]}}"#);
+            assert_eq!(count(&resync), 0, "{text}");
+        }
+        assert_eq!(probe.received(), 4);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod api;
 mod audience;
 mod cli;
+mod frames;
 mod html;
 mod http;
 mod invariant;
@@ -15,6 +16,7 @@ mod scenarios;
 mod series;
 mod tally;
 mod tokens;
+mod viewer_socket;
 mod ws;
 
 use std::process::ExitCode;

@@ -1,7 +1,10 @@
-//! WebSocket client side: connect to a livedrop room (optionally from a chosen loopback
-//! source address, so many sockets do not exhaust one address's ephemeral ports) and wait for
-//! the `welcome` frame, or connect to a plain broadcast peer (`/`, no token, no welcome); small
-//! buffers so thousands of client sockets stay cheap.
+//! WebSocket client side on tokio-tungstenite, for the sockets that send (the publisher, the
+//! chatter, the `claims` scenario's sockets): connect to a livedrop room and wait for the
+//! `welcome` frame, or connect to a plain broadcast peer (`/`, no token, no welcome); small
+//! buffers so many client sockets stay cheap. It also owns what every client socket shares
+//! with the viewers' lean socket (`viewer_socket`): the TCP connect (optionally from a chosen
+//! loopback source address, so many sockets do not exhaust one address's ephemeral ports,
+//! with `TCP_NODELAY`), the room's path and the `welcome` check.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -16,10 +19,30 @@ use crate::http::Target;
 
 pub type Socket = WebSocketStream<TcpStream>;
 
+/// The path of a plain broadcast peer's WebSocket.
+pub const PLAIN_PATH: &str = "/";
+
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
         .write_buffer_size(0)
+}
+
+/// The path of `room`'s WebSocket, as the token's user.
+pub fn room_path(room: &str, token: &str) -> String {
+    format!("/ws/rooms/{room}?token={token}")
+}
+
+/// Checks that a livedrop room's first text frame is its `welcome`; the error shows what
+/// came instead.
+pub fn check_welcome(text: &str) -> anyhow::Result<()> {
+    if text.starts_with("{\"type\":\"welcome\"") {
+        return Ok(());
+    }
+    bail!(
+        "expected a welcome frame, got {}",
+        text.get(..200).unwrap_or(text)
+    )
 }
 
 /// Opens `/ws/rooms/{room}` as the token's user and reads up to the `welcome` frame.
@@ -30,19 +53,10 @@ pub async fn connect(
     token: &str,
     source: Option<IpAddr>,
 ) -> anyhow::Result<Socket> {
-    let path = format!("/ws/rooms/{room}?token={token}");
-    let mut ws = open(target, &path, source).await?;
+    let mut ws = open(target, &room_path(room, token), source).await?;
     loop {
         match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                if t.as_str().starts_with("{\"type\":\"welcome\"") {
-                    return Ok(ws);
-                }
-                bail!(
-                    "expected a welcome frame, got {}",
-                    &t.as_str()[..t.len().min(200)]
-                );
-            }
+            Some(Ok(Message::Text(t))) => return check_welcome(t.as_str()).map(|()| ws),
             Some(Ok(Message::Close(c))) => bail!("closed before welcome: {c:?}"),
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(e).context("reading welcome"),
@@ -53,15 +67,11 @@ pub async fn connect(
 
 /// Opens `ws://TARGET/` on a plain broadcast peer: no token, no welcome frame.
 pub async fn connect_plain(target: &Target, source: Option<IpAddr>) -> anyhow::Result<Socket> {
-    open(target, "/", source).await
+    open(target, PLAIN_PATH, source).await
 }
 
-/// TCP connect (from `source` when given) and the WebSocket handshake on `path_and_query`.
-async fn open(
-    target: &Target,
-    path_and_query: &str,
-    source: Option<IpAddr>,
-) -> anyhow::Result<Socket> {
+/// TCP connect to the target (from `source` when given), with `TCP_NODELAY`.
+pub async fn tcp_connect(target: &Target, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let stream = match source {
         Some(ip) => {
             let socket = if ip.is_ipv4() {
@@ -77,6 +87,16 @@ async fn open(
         None => TcpStream::connect(target.addr).await.context("connect")?,
     };
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// TCP connect (from `source` when given) and the WebSocket handshake on `path_and_query`.
+async fn open(
+    target: &Target,
+    path_and_query: &str,
+    source: Option<IpAddr>,
+) -> anyhow::Result<Socket> {
+    let stream = tcp_connect(target, source).await?;
     let url = target.ws_url(path_and_query);
     let (ws, _) = client_async_with_config(url, stream, Some(config()))
         .await

@@ -11,6 +11,9 @@
 //! The drop's id is chosen by the run, so viewers recognise its `drop_live` even when it
 //! arrives before the host's `201`. Time 0 of every "from the drop" figure is the instant the
 //! host's request was sent.
+//!
+//! Viewers read through `viewer_socket`'s lean reader; a buyer's `claim` goes out on that
+//! same socket right after the read that brought `drop_live`.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,15 +21,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use hyper::Method;
 use hyper::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::api::{DropSpec, HostApi};
-use crate::audience::{self, ChatProbe, ConnectSummary, Fleet, Next};
+use crate::audience::{self, ChatProbe, ConnectSummary, Fleet};
 use crate::cli::SaleArgs;
 use crate::http::{HttpClient, Target, bearer};
 use crate::invariant::{self, Seen, Verdict};
@@ -38,6 +39,7 @@ use crate::tally::{
     short_error,
 };
 use crate::tokens::Minter;
+use crate::viewer_socket::{self, ViewerSocket};
 use crate::ws;
 
 /// Longest wait for one HTTP answer before it counts as lost.
@@ -252,7 +254,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
             let (target, room, minter) = (target.clone(), room.clone(), minter.clone());
             async move {
                 let token = minter.mint(&format!("lt-s{i}"), "viewer")?;
-                ws::connect(
+                viewer_socket::connect(
                     &target,
                     &room,
                     &token,
@@ -264,7 +266,7 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
     };
     let body = {
         let (sale, stop) = (sale.clone(), stop_rx.clone());
-        move |i: u32, socket: ws::Socket| viewer(i, socket, sale.clone(), stop.clone())
+        move |i: u32, socket: ViewerSocket| viewer(i, socket, sale.clone(), stop.clone())
     };
     let fleet = Fleet::connect(args.viewers, args.connect_concurrency, connect, body).await;
     println!(
@@ -471,15 +473,37 @@ fn take(t: &Mutex<Tally>, name: &str) -> Tally {
         .unwrap_or_else(|_| Tally::new(name))
 }
 
-/// One viewer: a buyer claims once on `drop_live` (or a `resync` showing the drop); every
-/// viewer times its `sold_out` (or a `resync` showing none left) and
-/// measures chat latency, until told to stop or closed by the server.
-async fn viewer(i: u32, socket: ws::Socket, sale: Arc<Sale>, mut stop: watch::Receiver<bool>) {
+/// What a frame says about `drop`: (live, sold out). A `resync` (the viewer fell behind)
+/// carries the drops' state instead of the events it replaces.
+fn drop_news(drop: &str, t: &str) -> (bool, bool) {
+    if t.starts_with("{\"type\":\"drop_live\"") {
+        let ours = serde_json::from_str::<DropState>(t).is_ok_and(|d| d.id == drop);
+        (ours, false)
+    } else if t.starts_with("{\"type\":\"sold_out\"") {
+        (false, t.contains(&format!("\"drop\":\"{drop}\"")))
+    } else if t.starts_with("{\"type\":\"resync\"") {
+        serde_json::from_str::<SnapshotDrops>(t)
+            .ok()
+            .and_then(|s| s.drops.into_iter().find(|d| d.id == drop))
+            .map_or((false, false), |d| (true, d.remaining == Some(0)))
+    } else {
+        (false, false)
+    }
+}
+
+/// One viewer: a buyer claims once on `drop_live` (or a `resync` showing the drop), sent
+/// right after the read that brought it; every viewer times its `sold_out` (or a `resync`
+/// showing none left) and measures chat latency, until told to stop or closed by the server.
+async fn viewer(
+    i: u32,
+    mut socket: ViewerSocket,
+    sale: Arc<Sale>,
+    mut stop: watch::Receiver<bool>,
+) {
     let buyer = i < sale.buyers_below;
     if buyer {
         sale.buyers_connected.fetch_add(1, Ordering::AcqRel);
     }
-    let (mut sink, mut stream) = socket.split();
     let mut batch = Vec::with_capacity(audience::BATCH);
     let mut tally = Tally::new("WebSocket claim answers");
     let key = sale.key(i as usize);
@@ -491,36 +515,39 @@ async fn viewer(i: u32, socket: ws::Socket, sale: Arc<Sale>, mut stop: watch::Re
         sale.counted(tally, i as usize, outcome);
         sale.ws_done.fetch_add(1, Ordering::AcqRel);
     };
-    while let Next::Text(t) = audience::next_text(&mut stream, &mut stop, &sale.probe).await {
-        let t = t.as_str();
-        // What this frame says about the drop: live, and/or sold out. A `resync` (the viewer
-        // fell behind) carries the drops' state instead of the events it replaces.
-        let (live, sold) = if t.starts_with("{\"type\":\"drop_live\"") {
-            let ours = serde_json::from_str::<DropState>(t).is_ok_and(|d| d.id == sale.drop);
-            (ours, false)
-        } else if t.starts_with("{\"type\":\"sold_out\"") {
-            (false, t.contains(&format!("\"drop\":\"{}\"", sale.drop)))
-        } else if t.starts_with("{\"type\":\"resync\"") {
-            serde_json::from_str::<SnapshotDrops>(t)
-                .ok()
-                .and_then(|s| s.drops.into_iter().find(|d| d.id == sale.drop))
-                .map_or((false, false), |d| (true, d.remaining == Some(0)))
-        } else {
-            (false, false)
-        };
-        if sold && !saw_sold {
-            saw_sold = true;
-            sale.saw_sold_out();
-        }
-        if live && buyer && !claimed {
+    loop {
+        let mut saw_live = false;
+        let open = socket
+            .read_batch(&mut stop, &sale.probe, |t| {
+                let (live, sold) = drop_news(&sale.drop, t);
+                saw_live |= live;
+                if sold && !saw_sold {
+                    saw_sold = true;
+                    sale.saw_sold_out();
+                }
+                if sale.probe.on_text(t, &mut batch) || live || sold {
+                    return;
+                }
+                let (Some(r), Some(from)) = (ClaimResult::parse(t), pending) else {
+                    return;
+                };
+                match r {
+                    // An `error` frame while the claim is pending answers it (e.g. rate_limited).
+                    Ok(r) if r.kind == "error" || r.key.as_deref() == Some(key.as_str()) => {
+                        pending = None;
+                        answered(&mut tally, from, r.outcome());
+                    }
+                    Ok(_) => {}
+                    Err(_) => crate::report::bump(&mut tally.errors, "unparsable frame"),
+                }
+            })
+            .await;
+        if saw_live && buyer && !claimed {
             claimed = true;
             let from = Instant::now();
             sale.ws_sent.fetch_add(1, Ordering::Relaxed);
             tally.sent += 1;
-            match sink
-                .send(Message::text(claim_frame(&sale.drop, &key)))
-                .await
-            {
+            match socket.send_text(&claim_frame(&sale.drop, &key)).await {
                 Ok(()) => pending = Some(from),
                 Err(e) => {
                     tally.lost(&format!("ws send: {e}"));
@@ -528,20 +555,8 @@ async fn viewer(i: u32, socket: ws::Socket, sale: Arc<Sale>, mut stop: watch::Re
                 }
             }
         }
-        if sale.probe.on_text(t, &mut batch) || live || sold {
-            continue;
-        }
-        if let Some(r) = ClaimResult::parse(t) {
-            let Some(from) = pending else { continue };
-            match r {
-                // An `error` frame while the claim is pending answers it (e.g. rate_limited).
-                Ok(r) if r.kind == "error" || r.key.as_deref() == Some(key.as_str()) => {
-                    pending = None;
-                    answered(&mut tally, from, r.outcome());
-                }
-                Ok(_) => {}
-                Err(_) => crate::report::bump(&mut tally.errors, "unparsable frame"),
-            }
+        if !open {
+            break;
         }
     }
     if pending.is_some() {
@@ -556,7 +571,7 @@ async fn viewer(i: u32, socket: ws::Socket, sale: Arc<Sale>, mut stop: watch::Re
     if let Ok(mut shared) = sale.ws.lock() {
         shared.merge(tally);
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+    socket.close().await;
 }
 
 /// One HTTP connection: opened before the drop, then one claim per claimer index taken from

@@ -9,6 +9,9 @@
 //! `loadtest/peers/node-ws-room`): viewers open `ws://TARGET/` with no token and no welcome,
 //! the publisher is one more socket whose chat frames the peer relays verbatim, and latency,
 //! loss and RSS are measured exactly as for livedrop.
+//!
+//! Viewers read through `viewer_socket`'s lean reader, so the load generator, which shares
+//! the CPU with the server, spends as little as it can per delivery it times.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::api::HostApi;
-use crate::audience::{self, ChatProbe, ConnectSummary, Fleet, Next};
+use crate::audience::{self, ChatProbe, ConnectSummary, Fleet};
 use crate::cli::{Peer, ViewersArgs};
 use crate::http::Target;
 use crate::progress::Progress;
@@ -26,6 +29,7 @@ use crate::report::{Counts, LatencySummary, format_counts};
 use crate::rss::rss_kib;
 use crate::series::Series;
 use crate::tokens::Minter;
+use crate::viewer_socket::{self, ViewerSocket};
 use crate::ws;
 
 /// Time given to the server to settle before the idle RSS is read.
@@ -101,10 +105,10 @@ pub async fn run(args: ViewersArgs) -> anyhow::Result<ViewersSummary> {
             async move {
                 let ip = Some(audience::source_ip(i, source_ips));
                 match minter {
-                    None => ws::connect_plain(&target, ip).await,
+                    None => viewer_socket::connect_plain(&target, ip).await,
                     Some(m) => {
                         let token = m.mint(&format!("lt-v{i}"), "viewer")?;
-                        ws::connect(&target, &room, &token, ip).await
+                        viewer_socket::connect(&target, &room, &token, ip).await
                     }
                 }
             }
@@ -112,7 +116,7 @@ pub async fn run(args: ViewersArgs) -> anyhow::Result<ViewersSummary> {
     };
     let body = {
         let (probe, stop) = (probe.clone(), stop_rx.clone());
-        move |_i: u32, socket: ws::Socket| viewer(socket, probe.clone(), stop.clone())
+        move |_i: u32, socket: ViewerSocket| viewer(socket, probe.clone(), stop.clone())
     };
     let fleet = Fleet::connect(args.viewers, args.connect_concurrency, connect, body).await;
     let connected = fleet.connected;
@@ -190,15 +194,16 @@ pub async fn run(args: ViewersArgs) -> anyhow::Result<ViewersSummary> {
 
 /// One viewer: counts this run's chat frames (also those recovered through a `resync`)
 /// and records their latency, until told to stop or closed by the server.
-async fn viewer(socket: ws::Socket, probe: Arc<ChatProbe>, mut stop: watch::Receiver<bool>) {
-    use futures_util::{SinkExt, StreamExt};
-    let (mut sink, mut stream) = socket.split();
+async fn viewer(mut socket: ViewerSocket, probe: Arc<ChatProbe>, mut stop: watch::Receiver<bool>) {
     let mut batch = Vec::with_capacity(audience::BATCH);
-    while let Next::Text(t) = audience::next_text(&mut stream, &mut stop, &probe).await {
-        probe.on_text(t.as_str(), &mut batch);
-    }
+    while socket
+        .read_batch(&mut stop, &probe, |t| {
+            probe.on_text(t, &mut batch);
+        })
+        .await
+    {}
     probe.flush(&mut batch);
-    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+    socket.close().await;
 }
 
 /// Prints the summary for people.
