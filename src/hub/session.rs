@@ -273,11 +273,9 @@ impl Session {
                 Err(v) => break Some(v),
             }
         };
-        // Several commands in one read (a pipelining client): their replies go in one write.
-        let corked = messages.len() > 1;
-        if corked {
-            self.conn.cork();
-        }
+        // The replies to what one read brought go in one write (a pipelining client sends
+        // many), and each command's answer goes ahead of the room events it caused.
+        self.conn.cork();
         let mut outcome = Ok(());
         for message in messages {
             outcome = self.on_message(message).await;
@@ -285,7 +283,7 @@ impl Session {
                 break;
             }
         }
-        if corked && self.conn.uncork() && outcome.is_ok() {
+        if self.conn.uncork() && outcome.is_ok() {
             outcome = self.flush().await.map_err(|_| None);
         }
         outcome?;

@@ -64,8 +64,12 @@ struct Outbox {
     phase: Phase,
     /// Highest chat seq this viewer has been given (queued or written).
     last_seq: u64,
-    /// The session is handling a batch of commands: replies wait for one write at the end.
+    /// The session is handling commands: replies wait for one write at the end, ahead of
+    /// the room frames that arrived meanwhile (a command's answer comes before the room
+    /// events it caused).
     corked: bool,
+    /// While corked: where the next own reply goes in the queue.
+    cork_slot: usize,
 }
 
 impl Outbox {
@@ -74,6 +78,11 @@ impl Outbox {
             self.room_frames += 1;
         } else {
             self.own_bytes += q.bytes.len();
+            if self.corked {
+                self.queue.insert(self.cork_slot, q);
+                self.cork_slot += 1;
+                return;
+            }
         }
         self.queue.push_back(q);
     }
@@ -87,6 +96,7 @@ impl Outbox {
             }
         }
         self.written = 0;
+        self.cork_slot = self.cork_slot.saturating_sub(1);
         if self.queue.is_empty() {
             // A viewer that caught up keeps no queue memory.
             self.queue = VecDeque::new();
@@ -108,6 +118,7 @@ impl Outbox {
             keep
         });
         self.room_frames = self.queue.iter().filter(|q| q.room).count();
+        self.cork_slot = self.queue.len();
     }
 
     /// Where a snapshot goes: first, or right after a partly written frame.
@@ -158,6 +169,7 @@ impl Conn {
                 phase: Phase::Holding,
                 last_seq: 0,
                 corked: false,
+                cork_slot: 0,
             }),
             wake: Notify::new(),
             limits,
@@ -367,10 +379,12 @@ impl Conn {
         }
     }
 
-    /// Holds replies until [`Self::uncork`]: one write for a batch of commands.
+    /// Holds replies until [`Self::uncork`]: one write for a batch of commands, the replies
+    /// ahead of room frames that arrive meanwhile.
     pub fn cork(&self) {
         if let Some(mut out) = self.outbox() {
             out.corked = true;
+            out.cork_slot = out.queue.len();
         }
     }
 

@@ -1,14 +1,18 @@
 -- Reserves units of a drop for a batch of claims, one after the other, each exactly as if it
--- ran alone: idempotency replay, then solo_not_allowed (a group-only drop), ended, not_started, limit_reached, sold_out, in the
--- memory engine's order; on success writes the claim, its hold, the user's count, the
--- idempotency record and the `claim` ledger entry before the next claim is looked at. A
--- refusal of one claim never touches the others. A batch of one is the single-claim call.
+-- ran alone: idempotency replay, then solo_not_allowed (a group-only drop), ended,
+-- not_started, limit_reached, sold_out, in the memory engine's order; on success writes the
+-- claim, its hold, the user's count, the idempotency record and the `claim` ledger entry
+-- before the next claim is looked at. A refusal of one claim never touches the others. The
+-- drop's counters move in locals and are written to meta once, after the last claim: the
+-- script is atomic, so nobody can see them in between. A batch of one is the single-claim
+-- call.
 -- KEYS: 1 meta, 2 claims, 3 holds, 4 users, 5..4+n the idempotency record of each claim,
 --       5+n ledger
 -- ARGV: 1 drop id, then per claim i (five each, from 2): user id, qty, now,
 --       idempotency expires_at, record ttl in ms
--- Reply: one entry per claim, in order: {'ok', replay, claim_id, encoded claim, total,
---        remaining, reserved, sold} or {'err', code, detail}.
+-- Reply: one string per claim, in order (one reply object each, cheap to build and parse):
+--        'ok|REPLAY|CLAIM_ID|TOTAL|REMAINING|RESERVED|SOLD|ENCODED CLAIM' or
+--        'err|CODE|DETAIL'.
 local meta, claims, holds, users = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local n_claims = #KEYS - 5
 local ledger = KEYS[#KEYS]
@@ -19,10 +23,14 @@ end
 
 local m = redis.call('HMGET', meta, 'total', 'remaining', 'reserved', 'sold', 'ended',
   'starts_at', 'ends_at', 'limit', 'hold_ms', 'next_claim', 'solo')
+local function refused(code, detail)
+  return 'err|' .. code .. '|' .. (detail or '')
+end
+
 if not m[1] then
   local out = {}
   for i = 1, n_claims do
-    out[i] = refuse('not_found', 'drop')
+    out[i] = refused('not_found', 'drop')
   end
   return out
 end
@@ -30,6 +38,12 @@ end
 local remaining, reserved, next_claim = tonumber(m[2]), tonumber(m[3]), tonumber(m[10])
 local limit, hold_ms, starts_at = tonumber(m[8]), tonumber(m[9]), tonumber(m[6])
 local ends_at = (m[7] ~= '') and tonumber(m[7]) or nil
+local changed = false
+
+local function granted(replay, cid, enc)
+  return 'ok|' .. replay .. '|' .. cid .. '|' .. m[1] .. '|' .. fmt(remaining) .. '|' ..
+    fmt(reserved) .. '|' .. m[4] .. '|' .. enc
+end
 
 local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
   local qty, now = tonumber(qty_s), tonumber(now_s)
@@ -37,17 +51,17 @@ local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
   if rec then
     local rqty, rexp, rcid = string.match(rec, '^([^|]*)|([^|]*)|(.*)$')
     if not rexp or not tonumber(rexp) then
-      return refuse('internal', 'corrupt idempotency record')
+      return refused('internal', 'corrupt idempotency record')
     end
     if tonumber(rexp) > now then
       if tonumber(rqty) ~= qty then
-        return refuse('idempotency_mismatch', '')
+        return refused('idempotency_mismatch', '')
       end
       local enc = redis.call('HGET', claims, rcid)
       if not enc then
-        return refuse('internal', 'idempotency record without claim')
+        return refused('internal', 'idempotency record without claim')
       end
-      return {'ok', '1', rcid, enc, m[1], fmt(remaining), fmt(reserved), m[4]}
+      return granted('1', rcid, enc)
     end
     -- A dead record is forgotten, as the memory engine does; this is not a transition and
     -- leaves the drop consistent whatever happens next.
@@ -55,20 +69,20 @@ local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
   end
 
   if m[11] == '0' then
-    return refuse('solo_not_allowed', '')
+    return refused('solo_not_allowed', '')
   end
   if m[5] == '1' or (ends_at and now >= ends_at) then
-    return refuse('ended', '')
+    return refused('ended', '')
   end
   if now < starts_at then
-    return refuse('not_started', '')
+    return refused('not_started', '')
   end
   local held = tonumber(redis.call('HGET', users, user) or '0')
   if held + qty > limit then
-    return refuse('limit_reached', m[8])
+    return refused('limit_reached', m[8])
   end
   if remaining < qty then
-    return refuse('sold_out', '')
+    return refused('sold_out', '')
   end
 
   -- Every precondition holds: write.
@@ -76,21 +90,24 @@ local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
   local cid = drop .. '.' .. fmt(n)
   local expires = fmt(now + hold_ms)
   local enc = encode_claim('reserved', qty_s, now_s, expires, user)
-  redis.call('HSET', meta, 'remaining', fmt(remaining - qty), 'reserved', fmt(reserved + qty),
-    'next_claim', fmt(n))
   remaining, reserved, next_claim = remaining - qty, reserved + qty, n
+  changed = true
   redis.call('HSET', users, user, fmt(held + qty))
   redis.call('ZADD', holds, expires, hold_member(n))
   redis.call('HSET', claims, cid, enc)
   redis.call('SET', idem, qty_s .. '|' .. idem_expires .. '|' .. cid, 'PX', ttl)
   redis.call('XADD', ledger, '*', 'op', 'claim', 'claim_id', cid, 'user', user, 'qty', qty_s,
     'ts', now_s)
-  return {'ok', '0', cid, enc, m[1], fmt(remaining), fmt(reserved), m[4]}
+  return granted('0', cid, enc)
 end
 
 local out = {}
 for i = 1, n_claims do
   local a = 2 + 5 * (i - 1)
   out[i] = claim_one(KEYS[4 + i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
+end
+if changed then
+  redis.call('HSET', meta, 'remaining', fmt(remaining), 'reserved', fmt(reserved),
+    'next_claim', fmt(next_claim))
 end
 return out

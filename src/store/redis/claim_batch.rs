@@ -27,11 +27,9 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{
-    DropKeys, array, at, decode_claim, guarded, levels_at, split_status, text, user_claims_key,
-};
+use super::{DropKeys, array, bad_reply, decode_claim, guarded, refusal, user_claims_key};
 use crate::error::{AppError, AppResult};
-use crate::model::Millis;
+use crate::model::{Millis, StockLevels};
 use crate::store::{ClaimRequest, Reservation};
 
 /// Most claims in one script call: keeps one call's time in Redis short (other drops and
@@ -247,14 +245,43 @@ impl ClaimRunner {
     }
 }
 
-/// One claim's answer: `{'ok', replay, claim_id, claim, total, remaining, reserved, sold}`
-/// or a refusal.
+/// One claim's answer, one string: `ok|REPLAY|CLAIM_ID|TOTAL|REMAINING|RESERVED|SOLD|CLAIM`
+/// (the encoded claim last: it ends with the user) or `err|CODE|DETAIL`.
 fn reservation(answer: Value) -> AppResult<Reservation> {
-    let items = split_status(array(answer)?)?;
-    let claim_id = text(at(&items, 1)?)?;
+    let Value::BulkString(bytes) = answer else {
+        return Err(bad_reply("claim answer: expected a string"));
+    };
+    let s = std::str::from_utf8(&bytes).map_err(|_| bad_reply("claim answer: not utf-8"))?;
+    let mut parts = s.splitn(8, '|');
+    let mut next = || {
+        parts
+            .next()
+            .ok_or_else(|| bad_reply("claim answer too short"))
+    };
+    match next()? {
+        "ok" => {}
+        "err" => {
+            let code = next()?;
+            return Err(refusal(code, next().unwrap_or("")));
+        }
+        _ => return Err(bad_reply("claim answer status")),
+    }
+    let replay = next()? == "1";
+    let claim_id = next()?;
+    let mut number = || -> AppResult<u64> {
+        next()?
+            .parse()
+            .map_err(|_| bad_reply("claim answer: expected an integer"))
+    };
+    let levels = StockLevels {
+        total: number()?,
+        remaining: number()?,
+        reserved: number()?,
+        sold: number()?,
+    };
     Ok(Reservation {
-        replay: text(at(&items, 0)?)? == "1",
-        claim: decode_claim(&claim_id, &text(at(&items, 2)?)?)?,
-        levels: levels_at(&items, 3)?,
+        replay,
+        claim: decode_claim(claim_id, next()?)?,
+        levels,
     })
 }
