@@ -9,9 +9,10 @@
 #
 # Sets:
 #   memory       /healthz reference vs memory-engine claims (HTTP and WS, max speed and open loop)
-#   fanout       5 000 viewers, publisher at 5, 20 and 50 msg/s, livedrop vs the node ws peer,
-#                with RSS per idle viewer (and 1 000 viewers at the same rates, for p99 context),
-#                and a saturation run (200 msg/s: delivered frames/s when nobody keeps up)
+#   fanout       5 000 viewers, publisher at 5, 10, 20, 30, 50, 75 and 100 msg/s (the highest
+#                rate with p99 < 100 ms, for each server), livedrop vs the node ws peer, with
+#                RSS per idle viewer (and 1 000 viewers at 5/20/50 msg/s, for p99 context), and
+#                a saturation run (200 msg/s: delivered frames/s when nobody keeps up)
 #   connections  as many idle viewers as file descriptors allow, over several source addresses,
 #                livedrop vs the node peer, RSS per connection
 #   sale         5 000 viewers, stock 1 000, 20 000 HTTP claimers, chat during the rush;
@@ -20,7 +21,9 @@
 #                unpipelined and -P 16)
 #   smoke        every set at a tiny scale (200 viewers, 2 s runs): proves the tool works
 #   all          memory fanout connections sale redis
-# Every run writes OUT/NAME.txt, OUT/NAME.json and OUT/NAME.html (charts + summary).
+# Every run writes OUT/NAME.txt, OUT/NAME.json and OUT/NAME.html (charts + summary); each
+# NAME.txt ends with the CPU seconds the server (and Redis, in the redis set) and the load
+# generator used during the run, so every ratio can be read as CPU per answer too.
 set -euo pipefail
 OUT=${1:-/tmp/livedrop-bench}
 WHICH=${2:-all}
@@ -35,6 +38,9 @@ PEER_TARGET=http://127.0.0.1:$PEER_PORT
 PEER_DIR=loadtest/peers/node-ws-room
 LT=("$BIN/livedrop-loadtest")
 mkdir -p "$OUT"
+for tool in bc /usr/bin/time; do
+  command -v "$tool" >/dev/null || { echo "bench.sh needs $tool (apt-get install bc time)" >&2; exit 2; }
+done
 # Room for many sockets: both the server and the load tool inherit this.
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 FDS=$(ulimit -n)
@@ -42,7 +48,8 @@ FDS=$(ulimit -n)
 # Scale (the smoke set shrinks these).
 FANOUT_VIEWERS=5000
 FANOUT_SMALL=1000
-FANOUT_RATES="5 20 50"
+FANOUT_RATES="5 10 20 30 50 75 100"
+FANOUT_SMALL_RATES="5 20 50"
 FANOUT_SECS=10
 SATURATION_RATE=200
 CONN_MAX=${CONN_MAX:-100000}
@@ -53,7 +60,8 @@ CLAIMS_SECS=10
 GROUP_BUYS=2000
 RB_REQUESTS=200000
 if [ "$WHICH" = smoke ] || [ "${SMOKE:-}" = 1 ]; then  # SMOKE=1: any set, tiny
-  FANOUT_VIEWERS=200; FANOUT_SMALL=100; FANOUT_RATES="5 20"; FANOUT_SECS=2
+  FANOUT_VIEWERS=200; FANOUT_SMALL=100; FANOUT_RATES="5 20"; FANOUT_SMALL_RATES="5"
+  FANOUT_SECS=2
   CONN_MAX=2000; SALE_VIEWERS=200; SALE_STOCK=100; SALE_CLAIMERS=1000; CLAIMS_SECS=2
   GROUP_BUYS=50; RB_REQUESTS=5000
 fi
@@ -100,12 +108,26 @@ start_peer() {
   wait_port $PEER_PORT "$OUT/peer.log"
 }
 
+# CPU seconds (user+sys) a process has used so far.
+cpu_s() { # PID
+  [ -n "$1" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
+  awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat"
+}
+
 run() { # NAME TARGET ARGS…
   local name=$1 target=$2; shift 2
+  local target_pid=${PEER_PID:-$SERVER_PID}
+  [ "$target" = "$TARGET" ] && target_pid=$SERVER_PID
+  local s0 r0; s0=$(cpu_s "$target_pid"); r0=$(cpu_s "$REDIS_PID")
   echo "== $name: livedrop-loadtest $*" | tee "$OUT/$name.txt"
-  timeout 600 "${LT[@]}" "$@" --target "$target" --jwt-secret "$SECRET" --quiet \
+  /usr/bin/time -o "$OUT/$name.time" -f "%U %S" \
+    timeout 600 "${LT[@]}" "$@" --target "$target" --jwt-secret "$SECRET" --quiet \
     --json "$OUT/$name.json" --report "$OUT/$name.html" | tee -a "$OUT/$name.txt" ||
     echo "!! $name exited non-zero" | tee -a "$OUT/$name.txt"
+  local s1 r1; s1=$(cpu_s "$target_pid"); r1=$(cpu_s "$REDIS_PID")
+  read -r lu ls < "$OUT/$name.time" || true
+  echo "cpu: server $(echo "$s1 - $s0" | bc) s, redis $(echo "$r1 - $r0" | bc) s, load generator $(echo "${lu:-0} + ${ls:-0}" | bc) s" |
+    tee -a "$OUT/$name.txt"
 }
 
 claims_set() { # PREFIX
@@ -131,9 +153,11 @@ memory_set() {
 
 # Fan-out: a fresh process per run, so RSS per idle viewer is measured from a clean baseline.
 fanout_set() {
-  local n rate
+  local n rate rates
   for n in $FANOUT_VIEWERS $FANOUT_SMALL; do
-    for rate in $FANOUT_RATES; do
+    rates=$FANOUT_RATES
+    [ "$n" = "$FANOUT_SMALL" ] && rates=$FANOUT_SMALL_RATES
+    for rate in $rates; do
       start_server
       run "fanout-livedrop-$n-r$rate" $TARGET viewers --viewers "$n" --rate "$rate" \
         --duration "$FANOUT_SECS" --pid "$SERVER_PID"
