@@ -2,17 +2,20 @@
 //! read a drop's counters and its ledger. Every call checks the status and says what the
 //! server answered when it is not the expected one.
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use hyper::Method;
-use hyper::header::HeaderValue;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::http::{HttpClient, Target, bearer};
+use crate::http::{Authorization, HttpClient, Method, RequestTemplate, Target};
 
 /// How many times a host call is sent while the server answers `429`.
 const RATE_LIMITED_TRIES: u32 = 10;
+/// Longest wait for one host answer (a whole ledger of a long run can take a while).
+const HOST_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest host answer accepted: a ledger holds one entry per claim of the run.
+const HOST_MAX_BODY: usize = 1 << 30;
 
 /// A drop's stock counters, as `GET /api/drops/{drop}` shows them.
 #[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
@@ -61,19 +64,27 @@ pub struct GroupSpec {
 
 /// Host calls, with one keep-alive connection.
 pub struct HostApi {
+    target: Target,
     client: HttpClient,
-    auth: HeaderValue,
+    auth: Authorization,
 }
 
-fn excerpt(body: &Bytes) -> String {
+/// A host call's answer, owned: host calls are few, and a retried call outlives its reads.
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+}
+
+fn excerpt(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
 }
 
 impl HostApi {
     pub fn new(target: Target, host_token: &str) -> anyhow::Result<Self> {
         Ok(Self {
-            client: HttpClient::new(target),
-            auth: bearer(host_token)?,
+            client: HttpClient::with_max_body(target.clone(), HOST_ANSWER_TIMEOUT, HOST_MAX_BODY),
+            target,
+            auth: Authorization::bearer(host_token)?,
         })
     }
 
@@ -84,23 +95,29 @@ impl HostApi {
         method: Method,
         path: &str,
         body: Option<serde_json::Value>,
-    ) -> anyhow::Result<crate::http::Answer> {
-        let body = body.map(|b| Bytes::from(b.to_string()));
+    ) -> anyhow::Result<Reply> {
+        let body = body.map(|b| b.to_string());
+        let template = RequestTemplate::new(
+            &self.target,
+            method,
+            path,
+            body.as_deref().map(str::as_bytes),
+        )?;
         let mut tries = 0;
         loop {
-            let req = self
-                .client
-                .request(method.clone(), path, Some(&self.auth), body.clone())?;
             let a = self
                 .client
-                .send(req)
+                .send(template.request().auth(Some(&self.auth)))
                 .await
                 .with_context(|| format!("{path}: no answer from the server"))?;
             tries += 1;
             if a.status != 429 || tries >= RATE_LIMITED_TRIES {
-                return Ok(a);
+                return Ok(Reply {
+                    status: a.status,
+                    body: a.body.to_vec(),
+                });
             }
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -108,7 +125,7 @@ impl HostApi {
     pub async fn ensure_room(&mut self, room: &str) -> anyhow::Result<()> {
         let a = self
             .call(
-                Method::POST,
+                Method::Post,
                 "/api/rooms",
                 Some(json!({"id": room, "title": "loadtest"})),
             )
@@ -137,7 +154,7 @@ impl HostApi {
             body["group_window_secs"] = json!(g.window_secs);
         }
         let path = format!("/api/rooms/{room}/drops");
-        let a = self.call(Method::POST, &path, Some(body)).await?;
+        let a = self.call(Method::Post, &path, Some(body)).await?;
         if a.status != 201 {
             bail!("POST {path} answered {}: {}", a.status, excerpt(&a.body));
         }
@@ -152,7 +169,7 @@ impl HostApi {
     /// The drop's counters.
     pub async fn levels(&mut self, drop: &str) -> anyhow::Result<Levels> {
         let path = format!("/api/drops/{drop}");
-        let a = self.call(Method::GET, &path, None).await?;
+        let a = self.call(Method::Get, &path, None).await?;
         if a.status != 200 {
             bail!("GET {path} answered {}: {}", a.status, excerpt(&a.body));
         }
@@ -162,7 +179,7 @@ impl HostApi {
     /// The drop's whole ledger.
     pub async fn ledger(&mut self, drop: &str) -> anyhow::Result<Vec<LedgerEntry>> {
         let path = format!("/api/drops/{drop}/ledger");
-        let a = self.call(Method::GET, &path, None).await?;
+        let a = self.call(Method::Get, &path, None).await?;
         if a.status != 200 {
             bail!("GET {path} answered {}: {}", a.status, excerpt(&a.body));
         }

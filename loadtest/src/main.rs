@@ -8,6 +8,7 @@ mod cli;
 mod frames;
 mod html;
 mod http;
+mod http_response;
 mod invariant;
 mod progress;
 mod report;

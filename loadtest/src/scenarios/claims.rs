@@ -10,10 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use hyper::Method;
-use hyper::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
@@ -21,14 +18,13 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::api::{DropSpec, HostApi};
 use crate::audience;
 use crate::cli::{ClaimsArgs, Endpoint, Transport};
-use crate::http::{HttpClient, Target, bearer};
+use crate::http::{Authorization, HttpClient, IdempotencyKeys, Method, RequestTemplate, Target};
 use crate::invariant::{self, Seen, Verdict};
 use crate::progress::Progress;
 use crate::report::{Counts, LatencySummary, bump, format_counts, merge_counts};
 use crate::series::Series;
 use crate::tally::{
-    CLAIM_BODY, ClaimResult, Outcome, Tally, claim_frame, http_claim_outcome, keyed_post,
-    short_error,
+    CLAIM_BODY, ClaimResult, Outcome, Tally, claim_frame, http_claim_outcome, short_error,
 };
 use crate::tokens::Minter;
 use crate::ws;
@@ -77,9 +73,11 @@ pub struct ClaimsSummary {
 struct Plan {
     target: Target,
     endpoint: Endpoint,
-    path: String,
+    /// The HTTP request every worker sends: a claim, or `GET /healthz`.
+    request: RequestTemplate,
     drop: String,
-    run: String,
+    /// Every claim's idempotency key is `k{run}-` and the claim's index.
+    keys: IdempotencyKeys,
     users: u32,
     start: Instant,
     deadline: Instant,
@@ -109,10 +107,6 @@ impl Plan {
 
     fn user_of(&self, i: u64) -> usize {
         (i % u64::from(self.users)) as usize
-    }
-
-    fn key(&self, i: u64) -> String {
-        format!("k{}-{i}", self.run)
     }
 }
 
@@ -150,7 +144,7 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
 
     // Set-up as the host: a room and a drop that outlives the run.
     let mut host = HostApi::new(target.clone(), &minter.mint("lt-host", "host")?)?;
-    let (drop, path) = match args.endpoint {
+    let (drop, request) = match args.endpoint {
         Endpoint::Claim => {
             let room = args.room.clone().unwrap_or_else(|| format!("lt-{run_id}"));
             host.ensure_room(&room).await?;
@@ -164,9 +158,13 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
             };
             let drop = host.create_drop(&room, &spec).await?;
             let path = format!("/api/drops/{drop}/claims");
-            (drop, path)
+            let claim = RequestTemplate::new(&target, Method::Post, &path, Some(CLAIM_BODY))?;
+            (drop, claim)
         }
-        Endpoint::Healthz => (String::new(), "/healthz".to_string()),
+        Endpoint::Healthz => (
+            String::new(),
+            RequestTemplate::new(&target, Method::Get, "/healthz", None)?,
+        ),
     };
 
     let users = match args.transport {
@@ -194,9 +192,9 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
     let plan = Arc::new(Plan {
         target: target.clone(),
         endpoint: args.endpoint,
-        path,
+        request,
         drop: drop.clone(),
-        run: run_id,
+        keys: IdempotencyKeys::new(&format!("k{run_id}-"))?,
         users,
         start,
         deadline: start + duration.unwrap_or(MAX_RUN),
@@ -215,10 +213,10 @@ pub async fn run(args: ClaimsArgs) -> anyhow::Result<ClaimsSummary> {
     let mut handles = Vec::new();
     match sockets {
         None => {
-            let auths: Arc<Vec<HeaderValue>> = Arc::new(
+            let auths: Arc<Vec<Authorization>> = Arc::new(
                 tokens
                     .iter()
-                    .map(|t| bearer(t))
+                    .map(|t| Authorization::bearer(t))
                     .collect::<anyhow::Result<_>>()?,
             );
             for _ in 0..args.concurrency {
@@ -349,38 +347,28 @@ pub fn print(s: &ClaimsSummary) {
 }
 
 /// One keep-alive HTTP connection sending requests one after another.
-async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<HeaderValue>>) -> Tally {
+async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<Authorization>>) -> Tally {
     let mut t = Tally::new("claim answers");
-    let mut client = HttpClient::new(plan.target.clone());
-    let body = Bytes::from_static(CLAIM_BODY);
+    let mut client = HttpClient::new(plan.target.clone(), ANSWER_TIMEOUT);
     while let Some((i, intended)) = plan.next() {
         if let Some(at) = intended {
             tokio::time::sleep_until(at.into()).await;
         }
         let user = plan.user_of(i);
         let req = match plan.endpoint {
-            Endpoint::Healthz => client.request(Method::GET, &plan.path, None, None),
-            Endpoint::Claim => keyed_post(
-                &client,
-                &plan.path,
-                auths.get(user),
-                &plan.key(i),
-                Some(body.clone()),
-            ),
-        };
-        let req = match req {
-            Ok(r) => r,
-            Err(e) => {
-                bump(&mut t.errors, &format!("request: {e}"));
-                continue;
-            }
+            Endpoint::Healthz => plan.request.request(),
+            Endpoint::Claim => plan
+                .request
+                .request()
+                .auth(auths.get(user))
+                .key(&plan.keys, i),
         };
         let from = intended.unwrap_or_else(Instant::now);
         t.sent += 1;
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, client.send(req)).await;
+        let answer = client.send(req).await;
         plan.answered.fetch_add(1, Ordering::Relaxed);
         match answer {
-            Ok(Ok(a)) => {
+            Ok(a) => {
                 t.answered(plan.start, from);
                 match (plan.endpoint, a.status) {
                     (Endpoint::Healthz, 200) => t.ok(),
@@ -388,11 +376,7 @@ async fn http_worker(plan: Arc<Plan>, auths: Arc<Vec<HeaderValue>>) -> Tally {
                     (Endpoint::Claim, _) => counted(&mut t, &plan, user, http_claim_outcome(&a)),
                 }
             }
-            Ok(Err(e)) => t.lost(&short_error(&e)),
-            Err(_) => {
-                t.lost("timeout");
-                client = HttpClient::new(plan.target.clone());
-            }
+            Err(e) => t.lost(&short_error(&e)),
         }
     }
     t
@@ -437,10 +421,10 @@ async fn room_of_drop(target: &Target, drop: &str) -> anyhow::Result<String> {
     struct DropRoom {
         room: String,
     }
-    let mut c = HttpClient::new(target.clone());
-    let req = c.request(Method::GET, &format!("/api/drops/{drop}"), None, None)?;
-    let a = c.send(req).await?;
-    let d: DropRoom = serde_json::from_slice(&a.body).context("drop answer")?;
+    let mut c = HttpClient::new(target.clone(), ANSWER_TIMEOUT);
+    let req = RequestTemplate::new(target, Method::Get, &format!("/api/drops/{drop}"), None)?;
+    let a = c.send(req.request()).await?;
+    let d: DropRoom = serde_json::from_slice(a.body).context("drop answer")?;
     Ok(d.room)
 }
 
@@ -452,7 +436,6 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
     let inflight: Mutex<HashMap<u64, Instant>> = Mutex::new(HashMap::new());
     let permits = Semaphore::new(depth);
     let writing_done = AtomicBool::new(false);
-    let prefix = format!("k{}-", plan.run);
 
     let writer = async {
         let mut sent = 0u64;
@@ -465,7 +448,7 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
             if let Some(at) = intended {
                 tokio::time::sleep_until(at.into()).await;
             }
-            let frame = claim_frame(&plan.drop, &plan.key(i));
+            let frame = claim_frame(&plan.drop, &plan.keys.key(i));
             let from = intended.unwrap_or_else(Instant::now);
             if let Ok(mut m) = inflight.lock() {
                 m.insert(i, from);
@@ -529,11 +512,7 @@ async fn ws_worker(plan: Arc<Plan>, s: usize, socket: ws::Socket, depth: usize) 
                 );
                 continue;
             }
-            let index = r
-                .key
-                .as_deref()
-                .and_then(|k| k.strip_prefix(prefix.as_str()))
-                .and_then(|n| n.parse::<u64>().ok());
+            let index = r.key.as_deref().and_then(|k| plan.keys.number_of(k));
             let from = index.and_then(|i| inflight.lock().ok().and_then(|mut m| m.remove(&i)));
             let Some(from) = from else {
                 bump(&mut t.errors, "answer with unknown key");

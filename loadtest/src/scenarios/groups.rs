@@ -19,17 +19,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use hyper::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{DropSpec, GroupSpec, HostApi, Levels};
 use crate::audience;
 use crate::cli::GroupsArgs;
-use crate::http::{Answer, HttpClient, Target, bearer};
+use crate::http::{
+    Answer, Authorization, HttpClient, IdempotencyKeys, Method, RequestTemplate, Target,
+};
 use crate::invariant;
 use crate::progress::Progress;
 use crate::series::Series;
-use crate::tally::{Tally, TallyStats, keyed_post, problem_code, short_error};
+use crate::tally::{Tally, TallyStats, problem_code, short_error};
 use crate::tokens::Minter;
 
 /// Longest wait for one answer before it counts as lost.
@@ -87,7 +88,8 @@ impl GroupAnswer {
 
 /// One request of a phase: who sends it where.
 struct Job {
-    path: String,
+    /// `POST` to the open or join path, without a body.
+    request: RequestTemplate,
     user: usize,
     /// The group's index.
     group: usize,
@@ -152,11 +154,14 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<GroupsSummary> {
     // Users: leader of group i is user i; joiner m of group i is user g + m * g + i.
     let per_group = (k - 1) as usize + args.extra_joiners as usize;
     let users = g + per_group * g;
-    let auths: Arc<Vec<HeaderValue>> = Arc::new(
+    let auths: Arc<Vec<Authorization>> = Arc::new(
         (0..users)
-            .map(|u| bearer(&minter.mint(&format!("lt-g{run_id}-{u}"), "viewer")?))
+            .map(|u| Authorization::bearer(&minter.mint(&format!("lt-g{run_id}-{u}"), "viewer")?))
             .collect::<anyhow::Result<_>>()?,
     );
+    // Every open and join is keyed `g{run}-{user}`.
+    let keys = Arc::new(IdempotencyKeys::new(&format!("g{run_id}-"))?);
+    let post = |path: &str| RequestTemplate::new(&target, Method::Post, path, None);
     let answered = Arc::new(AtomicU64::new(0));
     let timeout = Duration::from_secs_f64(args.timeout);
     let progress = Progress::start("groups", Some(timeout), answered.clone(), args.common.quiet);
@@ -180,18 +185,20 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<GroupsSummary> {
     let open_path = format!("/api/drops/{drop}/groups");
     let opens = Arc::new(new_phase(
         (0..g)
-            .map(|i| Job {
-                path: open_path.clone(),
-                user: i,
-                group: i,
+            .map(|i| {
+                Ok(Job {
+                    request: post(&open_path)?,
+                    user: i,
+                    group: i,
+                })
             })
-            .collect(),
+            .collect::<anyhow::Result<_>>()?,
     ));
     let open = run_phase(
         &target,
         &opens,
         &auths,
-        &run_id,
+        &keys,
         "group opens",
         args.concurrency,
     )
@@ -208,7 +215,7 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<GroupsSummary> {
         for (i, id) in group_ids.iter().enumerate() {
             if let Some(id) = id {
                 jobs.push(Job {
-                    path: format!("/api/groups/{id}/join"),
+                    request: post(&format!("/api/groups/{id}/join"))?,
                     user: g + m * g + i,
                     group: i,
                 });
@@ -221,7 +228,7 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<GroupsSummary> {
         &target,
         &joins,
         &auths,
-        &run_id,
+        &keys,
         "group joins",
         args.concurrency,
     )
@@ -311,17 +318,17 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<GroupsSummary> {
 async fn run_phase(
     target: &Target,
     phase: &Arc<Phase>,
-    auths: &Arc<Vec<HeaderValue>>,
-    run_id: &str,
+    auths: &Arc<Vec<Authorization>>,
+    keys: &Arc<IdempotencyKeys>,
     name: &str,
     concurrency: u32,
 ) -> Tally {
     let mut handles = Vec::new();
     for _ in 0..concurrency.min(phase.jobs.len().max(1) as u32) {
-        let (target, phase, auths) = (target.clone(), phase.clone(), auths.clone());
-        let (run_id, name) = (run_id.to_string(), name.to_string());
+        let (target, phase) = (target.clone(), phase.clone());
+        let (auths, keys, name) = (auths.clone(), keys.clone(), name.to_string());
         handles.push(tokio::spawn(async move {
-            worker(target, phase, auths, run_id, name).await
+            worker(target, phase, auths, keys, name).await
         }));
     }
     let mut tally = Tally::new(name);
@@ -338,12 +345,12 @@ async fn run_phase(
 async fn worker(
     target: Target,
     phase: Arc<Phase>,
-    auths: Arc<Vec<HeaderValue>>,
-    run_id: String,
+    auths: Arc<Vec<Authorization>>,
+    keys: Arc<IdempotencyKeys>,
     name: String,
 ) -> Tally {
     let mut t = Tally::new(&name);
-    let mut client = HttpClient::new(target.clone());
+    let mut client = HttpClient::new(target, ANSWER_TIMEOUT);
     loop {
         let n = phase.next.fetch_add(1, Ordering::Relaxed);
         let Some(job) = phase.jobs.get(n) else { break };
@@ -351,40 +358,33 @@ async fn worker(
             crate::report::bump(&mut t.errors, "not sent: timeout");
             continue;
         }
-        let key = format!("g{run_id}-{}", job.user);
-        let req = match keyed_post(&client, &job.path, auths.get(job.user), &key, None) {
-            Ok(r) => r,
-            Err(e) => {
-                crate::report::bump(&mut t.errors, &format!("request: {e}"));
-                continue;
-            }
-        };
+        let req = job
+            .request
+            .request()
+            .auth(auths.get(job.user))
+            .key(&keys, job.user as u64);
         let from = Instant::now();
         t.sent += 1;
-        let answer = tokio::time::timeout(ANSWER_TIMEOUT, client.send(req)).await;
+        let answer = client.send(req).await;
         phase.answered.fetch_add(1, Ordering::Relaxed);
         match answer {
-            Ok(Ok(a)) => {
+            Ok(a) => {
                 t.answered(phase.start, from);
                 on_answer(&phase, &mut t, job, &a);
             }
-            Ok(Err(e)) => t.lost(&short_error(&e)),
-            Err(_) => {
-                t.lost("timeout");
-                client = HttpClient::new(target.clone());
-            }
+            Err(e) => t.lost(&short_error(&e)),
         }
     }
     t
 }
 
 /// Counts one answer: a 201 group (recording its id, size and completion) or a refusal.
-fn on_answer(phase: &Phase, t: &mut Tally, job: &Job, a: &Answer) {
+fn on_answer(phase: &Phase, t: &mut Tally, job: &Job, a: &Answer<'_>) {
     if a.status != 201 {
         t.refused(&problem_code(a));
         return;
     }
-    let Ok(group) = serde_json::from_slice::<GroupAnswer>(&a.body) else {
+    let Ok(group) = serde_json::from_slice::<GroupAnswer>(a.body) else {
         t.refused("201 without a group");
         return;
     };

@@ -20,23 +20,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use hyper::Method;
-use hyper::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::api::{DropSpec, HostApi};
 use crate::audience::{self, ChatProbe, ConnectSummary, Fleet};
 use crate::cli::SaleArgs;
-use crate::http::{HttpClient, Target, bearer};
+use crate::http::{Authorization, HttpClient, IdempotencyKeys, Method, RequestTemplate, Target};
 use crate::invariant::{self, Seen, Verdict};
 use crate::progress::Progress;
 use crate::report::{Counts, Latency, LatencySummary, format_counts};
 use crate::series::Series;
 use crate::tally::{
-    CLAIM_BODY, ClaimResult, Tally, TallyStats, claim_frame, http_claim_outcome, keyed_post,
-    short_error,
+    CLAIM_BODY, ClaimResult, Tally, TallyStats, claim_frame, http_claim_outcome, short_error,
 };
 use crate::tokens::Minter;
 use crate::viewer_socket::{self, ViewerSocket};
@@ -107,8 +103,11 @@ pub struct SaleSummary {
 struct Sale {
     probe: ChatProbe,
     drop: String,
-    /// Idempotency keys are `s{run}-{user index}`.
-    run: String,
+    /// Idempotency keys are `s{run}-` and the user's index.
+    keys: IdempotencyKeys,
+    /// The HTTP claimers' request, and the one that warms their connections.
+    http_claim: RequestTemplate,
+    http_warm_up: RequestTemplate,
     /// Viewers with an index below this are buyers.
     buyers_below: u32,
     /// µs (probe clock) when the host's drop request was sent.
@@ -139,10 +138,6 @@ impl Sale {
         } else {
             self.probe.now_us().saturating_sub(at)
         }
-    }
-
-    fn key(&self, user: usize) -> String {
-        format!("s{}-{user}", self.run)
     }
 
     /// Counts one answer for `user` in `t`.
@@ -221,10 +216,13 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
     host.ensure_room(&room).await?;
     let source_ips = audience::source_ip_count(args.viewers, args.source_ips);
     let users = args.viewers as usize + args.claimers as usize;
+    let claim_path = format!("/api/drops/{drop_id}/claims");
     let sale = Arc::new(Sale {
         probe: ChatProbe::new(&run_id, Instant::now(), "chat deliveries"),
         drop: drop_id.clone(),
-        run: run_id.clone(),
+        keys: IdempotencyKeys::new(&format!("s{run_id}-"))?,
+        http_claim: RequestTemplate::new(&target, Method::Post, &claim_path, Some(CLAIM_BODY))?,
+        http_warm_up: RequestTemplate::new(&target, Method::Get, "/healthz", None)?,
         buyers_below: (f64::from(args.viewers) * args.claim_fraction).round() as u32,
         drop_at_us: AtomicU64::new(UNSET),
         buyers_connected: AtomicU64::new(0),
@@ -278,9 +276,9 @@ pub async fn run(args: SaleArgs) -> anyhow::Result<SaleSummary> {
 
     // The HTTP claimers: connections open and tokens minted before the drop.
     let (go_tx, go_rx) = watch::channel(false);
-    let auths: Arc<Vec<HeaderValue>> = Arc::new(
+    let auths: Arc<Vec<Authorization>> = Arc::new(
         (0..args.claimers)
-            .map(|j| bearer(&minter.mint(&format!("lt-c{j}"), "viewer")?))
+            .map(|j| Authorization::bearer(&minter.mint(&format!("lt-c{j}"), "viewer")?))
             .collect::<anyhow::Result<_>>()?,
     );
     let next_claimer = Arc::new(AtomicU32::new(0));
@@ -506,7 +504,7 @@ async fn viewer(
     }
     let mut batch = Vec::with_capacity(audience::BATCH);
     let mut tally = Tally::new("WebSocket claim answers");
-    let key = sale.key(i as usize);
+    let key = sale.keys.key(u64::from(i));
     let mut claimed = false;
     let mut pending: Option<Instant> = None;
     let mut saw_sold = false;
@@ -579,17 +577,15 @@ async fn viewer(
 async fn http_claimer(
     target: Target,
     sale: Arc<Sale>,
-    auths: Arc<Vec<HeaderValue>>,
+    auths: Arc<Vec<Authorization>>,
     next: Arc<AtomicU32>,
     first_user: usize,
     mut go: watch::Receiver<bool>,
     deadline: Arc<Mutex<Instant>>,
 ) {
-    let mut client = HttpClient::new(target.clone());
+    let mut client = HttpClient::new(target, ANSWER_TIMEOUT);
     // Warm the connection so the rush measures claims, not TCP handshakes.
-    if let Ok(req) = client.request(Method::GET, "/healthz", None, None) {
-        let _ = client.send(req).await;
-    }
+    let _ = client.send(sale.http_warm_up.request()).await;
     while !*go.borrow() {
         if go.changed().await.is_err() {
             return;
@@ -599,8 +595,6 @@ async fn http_claimer(
         .lock()
         .map(|d| *d)
         .unwrap_or_else(|_| Instant::now());
-    let path = format!("/api/drops/{}/claims", sale.drop);
-    let body = Bytes::from_static(CLAIM_BODY);
     let mut t = Tally::new("HTTP claim answers");
     loop {
         let j = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -611,32 +605,19 @@ async fn http_claimer(
             crate::report::bump(&mut t.errors, "not sent: timeout");
             continue;
         }
-        let req = match keyed_post(
-            &client,
-            &path,
-            Some(auth),
-            &sale.key(user),
-            Some(body.clone()),
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                crate::report::bump(&mut t.errors, &format!("request: {e}"));
-                sale.http_done.fetch_add(1, Ordering::AcqRel);
-                continue;
-            }
-        };
+        let req = sale
+            .http_claim
+            .request()
+            .auth(Some(auth))
+            .key(&sale.keys, user as u64);
         let from = Instant::now();
         t.sent += 1;
-        match tokio::time::timeout(ANSWER_TIMEOUT, client.send(req)).await {
-            Ok(Ok(a)) => {
+        match client.send(req).await {
+            Ok(a) => {
                 t.answered(sale.probe.epoch(), from);
                 sale.counted(&mut t, user, http_claim_outcome(&a));
             }
-            Ok(Err(e)) => t.lost(&short_error(&e)),
-            Err(_) => {
-                t.lost("timeout");
-                client = HttpClient::new(target.clone());
-            }
+            Err(e) => t.lost(&short_error(&e)),
         }
         sale.http_done.fetch_add(1, Ordering::AcqRel);
     }
