@@ -9,7 +9,7 @@
 #
 # Sets:
 #   memory       /healthz reference vs memory-engine claims (HTTP and WS, max speed and open loop)
-#   fanout       5 000 viewers, publisher at 5, 10, 20, 30, 50, 75 and 100 msg/s (the highest
+#   fanout       5 000 viewers, publisher at 5, 10, 15, 20, 30, 50, 75, 100, 150 msg/s (the highest
 #                rate with p99 < 100 ms, for each server), livedrop vs the node ws peer, with
 #                RSS per idle viewer (and 1 000 viewers at 5/20/50 msg/s, for p99 context), and
 #                a saturation run (200 msg/s: delivered frames/s when nobody keeps up)
@@ -48,7 +48,7 @@ FDS=$(ulimit -n)
 # Scale (the smoke set shrinks these).
 FANOUT_VIEWERS=5000
 FANOUT_SMALL=1000
-FANOUT_RATES="5 10 20 30 50 75 100"
+FANOUT_RATES="5 10 15 20 30 50 75 100 150"
 FANOUT_SMALL_RATES="5 20 50"
 FANOUT_SECS=10
 SATURATION_RATE=200

@@ -69,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "LIVEDROP_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
 
+    /// Fan-out tasks per room, each writing to its share of the room's sockets; 0 means one
+    /// per core but one (at least one).
+    #[arg(long, env = "LIVEDROP_FANOUT_SHARDS", default_value_t = 0)]
+    pub fanout_shards: usize,
+
     /// Milliseconds between conflated `likes`/`stock` frames (presence uses 5×).
     #[arg(long, env = "LIVEDROP_CONFLATE_MS", default_value_t = 100)]
     pub conflate_ms: u64,
@@ -205,6 +210,7 @@ impl Config {
         range("--shutdown-grace-secs", self.shutdown_grace_secs, 0, 3600)?;
         range("--redis-timeout-ms", self.redis_timeout_ms, 10, 60_000)?;
         range("--conflate-ms", self.conflate_ms, 10, 10_000)?;
+        range("--fanout-shards", self.fanout_shards as u64, 0, 64)?;
         range("--sweep-ms", self.sweep_ms, 10, 60_000)?;
         range(
             "--idempotency-ttl-secs",

@@ -278,7 +278,13 @@ impl Conn {
             if n == 0 {
                 return Delivered::Ok;
             }
-            match self.stream.try_write_vectored(&slices[..n]) {
+            // One frame (the common case): write(2), which skips writev's iovec import.
+            let written = if n == 1 {
+                self.stream.try_write(&slices[0])
+            } else {
+                self.stream.try_write_vectored(&slices[..n])
+            };
+            match written {
                 Ok(0) => out.phase = Phase::Closed,
                 Ok(w) => wrote = w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
