@@ -210,6 +210,15 @@ impl Conn {
     /// Writes as much of the queue as the socket takes now. A failed socket is `Closed`.
     fn write_queued(&self, out: &mut Outbox) {
         while !out.queue.is_empty() {
+            // Nothing to write for an empty frame (and a zero-byte write would look like EOF).
+            if out
+                .queue
+                .front()
+                .is_some_and(|q| q.bytes.len() == out.written)
+            {
+                out.pop_front();
+                continue;
+            }
             let mut slices = [IoSlice::new(&[]); SLICES_PER_WRITE];
             let mut n = 0;
             for (i, q) in out.queue.iter().take(SLICES_PER_WRITE).enumerate() {
@@ -350,6 +359,9 @@ impl Conn {
         };
         if out.phase == Phase::Closed {
             return Err(Closed);
+        }
+        if bytes.is_empty() {
+            return Ok(false);
         }
         let mut wrote = 0;
         if out.queue.is_empty() && out.writes_now() {
@@ -562,3 +574,138 @@ impl Conn {
 /// The connection is closed: nothing more can be sent on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Closed;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A connection on a real loopback socket, and the client end that reads it.
+    async fn pair(limits: Limits) -> (Conn, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Conn::new(server, "u1", limits), client)
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            room_frames: 4,
+            own_bytes: 1024,
+        }
+    }
+
+    async fn read_exactly(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn holding_queues_then_the_snapshot_goes_first_without_chat_it_holds() {
+        let (conn, mut client) = pair(limits()).await;
+        let (chat1, chat2, other) = (
+            Bytes::from_static(b"c1"),
+            Bytes::from_static(b"c2"),
+            Bytes::from_static(b"x"),
+        );
+        // While holding nothing is written.
+        assert_eq!(conn.deliver(&[(&chat1, 1), (&other, 0)]), Delivered::Ok);
+        assert_eq!(conn.deliver(&[(&chat2, 2)]), Delivered::Ok);
+        assert!(conn.has_queued());
+        // The snapshot covers chat up to seq 1: c1 is dropped, c2 and x follow it.
+        assert_eq!(conn.open(Bytes::from_static(b"W"), 1), Ok(false));
+        assert_eq!(read_exactly(&mut client, 4).await, b"Wxc2");
+        assert_eq!(conn.last_seq(), 2);
+        // Chat at or below what the viewer has is skipped from now on.
+        conn.deliver(&[(&chat1, 1), (&other, 0)]);
+        assert_eq!(read_exactly(&mut client, 1).await, b"x");
+        assert!(!conn.has_queued(), "an open connection writes at once");
+    }
+
+    #[tokio::test]
+    async fn corked_replies_go_ahead_of_room_frames() {
+        let (conn, mut client) = pair(limits()).await;
+        conn.open(Bytes::from_static(b"W"), 0).unwrap();
+        conn.cork();
+        conn.deliver(&[(&Bytes::from_static(b"r"), 0)]);
+        assert_eq!(conn.send(Bytes::from_static(b"A")), Ok(false));
+        assert_eq!(conn.send(Bytes::from_static(b"B")), Ok(false));
+        assert!(!conn.uncork(), "everything fits in the socket");
+        assert_eq!(read_exactly(&mut client, 4).await, b"WABr");
+    }
+
+    #[tokio::test]
+    async fn too_far_behind_is_lagged_and_keeps_only_own_replies() {
+        let (conn, _client) = pair(limits()).await;
+        conn.cork();
+        conn.send(Bytes::from_static(b"reply")).unwrap();
+        let frame = Bytes::from_static(b"f");
+        for _ in 0..4 {
+            conn.deliver(&[(&frame, 0)]);
+        }
+        assert_eq!(conn.phase(), Phase::Holding);
+        conn.deliver(&[(&frame, 0)]);
+        assert_eq!(
+            conn.phase(),
+            Phase::Lagged,
+            "the fifth frame is one too many"
+        );
+        // Lagged: room frames are dropped, the reply stays; a resync reopens the flow.
+        conn.deliver(&[(&frame, 0)]);
+        assert_eq!(conn.hold(), 0);
+        assert_eq!(conn.phase(), Phase::Holding);
+        assert_eq!(conn.open(Bytes::from_static(b"R"), 0), Ok(true));
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_does_not_drain_keeps_frames_queued_and_flush_gives_up() {
+        let (conn, client) = pair(Limits {
+            room_frames: 1 << 20,
+            own_bytes: 1 << 30,
+        })
+        .await;
+        conn.open(Bytes::new(), 0).unwrap();
+        // The client never reads: kernel buffers fill, then the outbox holds the rest.
+        let big = Bytes::from(vec![b'x'; 64 * 1024]);
+        for _ in 0..200 {
+            conn.deliver(&[(&big, 0)]);
+        }
+        assert!(conn.has_queued());
+        assert_eq!(
+            conn.flush(Duration::from_millis(200)).await,
+            Err(Closed),
+            "a socket that does not move within the timeout is given up"
+        );
+        assert_eq!(conn.phase(), Phase::Closed);
+        assert_eq!(conn.deliver(&[(&big, 0)]), Delivered::Gone);
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn closing_is_sticky_and_the_first_reason_wins() {
+        let (conn, _client) = pair(limits()).await;
+        conn.open(Bytes::new(), 0).unwrap();
+        conn.close(4003, "banned");
+        conn.close(1001, "shutdown");
+        assert_eq!(
+            conn.phase(),
+            Phase::Closing {
+                code: 4003,
+                reason: "banned"
+            }
+        );
+        assert_eq!(
+            conn.deliver(&[(&Bytes::from_static(b"f"), 0)]),
+            Delivered::Gone
+        );
+        // The session's own close frame can still go out.
+        assert_eq!(conn.send(Bytes::from_static(b"bye")), Ok(false));
+    }
+}
