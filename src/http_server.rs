@@ -2,7 +2,8 @@
 //! request head against slow clients), the client's address in every request's extensions,
 //! and WebSocket upgrades handed over as the raw TCP stream (`ws::upgrade` takes it back
 //! from hyper). On shutdown it stops accepting and every connection finishes the request it
-//! is serving, then closes.
+//! is serving, then closes; one that has not finished within the grace period (a client
+//! trickling a body) is dropped.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,8 +25,9 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Serves `app` on `listener` until `shutdown` is cancelled and every connection is done.
-pub async fn run(listener: TcpListener, app: Router, shutdown: CancellationToken) {
+/// Serves `app` on `listener` until `shutdown` is cancelled and every connection is done
+/// (or `grace` has passed since).
+pub async fn run(listener: TcpListener, app: Router, shutdown: CancellationToken, grace: Duration) {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -65,7 +67,8 @@ pub async fn run(listener: TcpListener, app: Router, shutdown: CancellationToken
                 _ = conn.as_mut() => {}
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    // Dropped (and so closed) if it takes longer than the grace period.
+                    let _ = tokio::time::timeout(grace, conn).await;
                 }
             }
         });

@@ -210,9 +210,9 @@ pub async fn serve_state(
             .context("--socket-send-buffer")?;
     }
     let app = api::router(state.clone());
-    http_server::run(listener, app, state.shutdown.clone()).await;
-
     let grace = Duration::from_secs(state.config.shutdown_grace_secs);
+    http_server::run(listener, app, state.shutdown.clone(), grace).await;
+
     state.sessions.close();
     if tokio::time::timeout(grace, state.sessions.wait())
         .await
