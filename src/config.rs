@@ -135,6 +135,11 @@ pub struct Config {
     #[arg(long, env = "LIVEDROP_HTTP_RATE", default_value = "1200/m")]
     pub http_rate: Rate,
 
+    /// Open TCP connections (HTTP and WebSocket together) the server holds; past it a new
+    /// connection is closed at once, before it costs anything.
+    #[arg(long, env = "LIVEDROP_MAX_CONNECTIONS", default_value_t = 200_000)]
+    pub max_connections: usize,
+
     /// Open WebSockets per client IP (a NAT or proxy carries many viewers).
     #[arg(long, env = "LIVEDROP_MAX_CONNS_PER_IP", default_value_t = 1000)]
     pub max_conns_per_ip: usize,
@@ -218,6 +223,7 @@ impl Config {
             60,
             30 * 86_400,
         )?;
+        range("--max-connections", self.max_connections as u64, 1, 1 << 24)?;
         range(
             "--max-conns-per-ip",
             self.max_conns_per_ip as u64,

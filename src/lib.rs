@@ -211,7 +211,14 @@ pub async fn serve_state(
     }
     let app = api::router(state.clone());
     let grace = Duration::from_secs(state.config.shutdown_grace_secs);
-    http_server::run(listener, app, state.shutdown.clone(), grace).await;
+    http_server::run(
+        listener,
+        app,
+        state.shutdown.clone(),
+        grace,
+        state.config.max_connections,
+    )
+    .await;
 
     state.sessions.close();
     if tokio::time::timeout(grace, state.sessions.wait())

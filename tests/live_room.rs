@@ -532,20 +532,23 @@ both_engines!(
     }
 );
 
-both_engines!(a_trickling_request_does_not_hold_shutdown, |engine| async move {
-    let mut srv = TestServer::start_with(engine, |c| c.shutdown_grace_secs = 1).await;
-    srv.create_room("slow", "host1").await;
-    // Headers promise a 1 000-byte body; ten bytes come, the rest never does.
-    use tokio::io::AsyncWriteExt;
-    let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    let token = srv.token("host1", Role::Host);
-    let head = format!(
-        "POST /api/rooms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+both_engines!(
+    a_trickling_request_does_not_hold_shutdown,
+    |engine| async move {
+        let mut srv = TestServer::start_with(engine, |c| c.shutdown_grace_secs = 1).await;
+        srv.create_room("slow", "host1").await;
+        // Headers promise a 1 000-byte body; ten bytes come, the rest never does.
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        let token = srv.token("host1", Role::Host);
+        let head = format!(
+            "POST /api/rooms HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"id\":\"ab"
-    );
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // `stop` fails the test if serve has not returned within 20 s; the grace period is 1 s.
-    srv.stop().await;
-    drop(tcp);
-});
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // `stop` fails the test if serve has not returned within 20 s; the grace period is 1 s.
+        srv.stop().await;
+        drop(tcp);
+    }
+);

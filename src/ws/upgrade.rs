@@ -19,11 +19,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::error::AppError;
+use crate::http_server::SlotHandle;
 
 /// A valid WebSocket upgrade request, waiting for the handler's verdict.
 pub struct WsUpgrade {
     accept: HeaderValue,
     on_upgrade: OnUpgrade,
+    /// The connection's `--max-connections` slot: the session keeps it once upgraded.
+    slot: Option<SlotHandle>,
 }
 
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -81,7 +84,12 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
         let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
             return Err(bad("this connection cannot be upgraded").into_response());
         };
-        Ok(Self { accept, on_upgrade })
+        let slot = parts.extensions.get::<SlotHandle>().cloned();
+        Ok(Self {
+            accept,
+            on_upgrade,
+            slot,
+        })
     }
 }
 
@@ -103,7 +111,10 @@ impl WsUpgrade {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let on_upgrade = self.on_upgrade;
+        // Counted for as long as the socket lives, not just the HTTP part of it.
+        let slot = self.slot.and_then(|s| s.take());
         tokio::spawn(async move {
+            let _slot = slot;
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => {
