@@ -66,6 +66,7 @@ use crate::model::{
     ChatMessage, Claim, ClaimStatus, Drop, DropState, Group, GroupStatus, LedgerEntry, Millis,
     Room, StockLevels, User,
 };
+use crate::protocol::is_valid_id;
 
 /// Builds a script from the shared helpers and one script body. The `#!lua` shebang makes
 /// Redis 7 check `deny-oom` before the script runs, not at its first write.
@@ -201,6 +202,11 @@ impl DropKeys {
     fn idem(drop: &str, user: &str, key: &str) -> String {
         format!("ld:{{drop:{drop}}}:idem:{}:{user}:{key}", user.len())
     }
+
+    /// A user's claim numbers in this drop, oldest first (a list, appended by `claim.lua`).
+    fn user_claims(drop: &str, user: &str) -> String {
+        format!("ld:{{drop:{drop}}}:uc:{user}")
+    }
 }
 
 fn room_meta(room: &str) -> String {
@@ -223,12 +229,17 @@ fn room_drops_key(room: &str) -> String {
     format!("ld:{{room:{room}}}:drops")
 }
 
-fn user_claims_key(user: &str) -> String {
-    format!("ld:{{user:{user}}}:claims")
+/// The drops a user has claimed in, scored by their first claim there (the user's slot:
+/// written once per user and drop, when `claim.lua` reports a first claim).
+fn user_drops_key(user: &str) -> String {
+    format!("ld:{{user:{user}}}:drops")
 }
 
 /// Every drop id, for the sweeper.
 const ALL_DROPS: &str = "ld:drops";
+
+/// Most drops a user's claim listing looks into (most recently entered first).
+const USER_DROPS_READ: usize = 10_000;
 
 /// The zset member of a claim's hold, as `hold_member` in `common.lua`.
 fn hold_member(claim_id: &str) -> Option<String> {
@@ -1025,15 +1036,35 @@ impl Store for RedisStore {
     }
 
     async fn user_claims(&self, user: &str) -> AppResult<Vec<Claim>> {
-        let mut ids: Vec<String> = self
+        let max = super::USER_CLAIMS_MAX;
+        // The user's drops, then the newest `max` claim numbers of each (each drop's list
+        // is in claim order), then those claims: the newest `max` of them, newest first.
+        let drops: Vec<String> = self
             .query(
                 redis::cmd("ZREVRANGE")
-                    .arg(user_claims_key(user))
+                    .arg(user_drops_key(user))
                     .arg(0)
-                    .arg(super::USER_CLAIMS_MAX as i64 - 1),
+                    .arg(USER_DROPS_READ as i64 - 1),
             )
             .await?;
-        ids.retain(|id| claim_drop(id).is_some());
+        let drops: Vec<String> = drops.into_iter().filter(|d| is_valid_id(d)).collect();
+        if drops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for drop in &drops {
+            pipe.cmd("LRANGE")
+                .arg(DropKeys::user_claims(drop, user))
+                .arg(-(max as i64))
+                .arg(-1);
+        }
+        let lists = self.query_pipe(&pipe).await?;
+        let mut ids = Vec::new();
+        for (drop, list) in drops.iter().zip(lists) {
+            for n in array(list)? {
+                ids.push(super::claim_id(drop, int::<u64>(&n)?));
+            }
+        }
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1049,6 +1080,16 @@ impl Store for RedisStore {
                 out.push(decode_claim(id, &enc)?);
             }
         }
+        // Newest first; claims of one millisecond by their number in the drop (claim order).
+        let number = |c: &Claim| {
+            c.claim_id
+                .rsplit_once('.')
+                .and_then(|(_, n)| n.parse::<u64>().ok())
+        };
+        out.sort_by(|a, b| {
+            (b.created_at, number(b), &b.claim_id).cmp(&(a.created_at, number(a), &a.claim_id))
+        });
+        out.truncate(max);
         Ok(out)
     }
 

@@ -1,23 +1,25 @@
 -- Reserves units of a drop for a batch of claims, one after the other, each exactly as if it
 -- ran alone: idempotency replay, then solo_not_allowed (a group-only drop), ended,
 -- not_started, limit_reached, sold_out, in the memory engine's order; on success writes the
--- claim, its hold, the user's count, the idempotency record and the `claim` ledger entry
--- before the next claim is looked at. A refusal of one claim never touches the others. The
--- drop's counters move in locals and are written to meta once, after the last claim: the
--- script is atomic, so nobody can see them in between. A batch of one is the single-claim
--- call.
--- KEYS: 1 meta, 2 claims, 3 holds, 4 users, 5..4+n the idempotency record of each claim,
---       5+n ledger
+-- claim, its hold, the user's count, the user's index of their claims in this drop, the
+-- idempotency record and the `claim` ledger entry before the next claim is looked at. A
+-- refusal of one claim never touches the others. The drop's counters move in locals and
+-- are written to meta once, after the last claim: the script is atomic, so nobody can see
+-- them in between. A batch of one is the single-claim call.
+-- KEYS: 1 meta, 2 claims, 3 holds, 4 users, then per claim i two keys: the idempotency
+--       record and the user's claim list in this drop (`uc:USER`); last the ledger
 -- ARGV: 1 drop id, then per claim i (five each, from 2): user id, qty, now,
 --       idempotency expires_at, record ttl in ms
 -- Reply: one string per claim, in order (one reply object each, cheap to build and parse):
---        'ok|REPLAY|CLAIM_ID|TOTAL|REMAINING|RESERVED|SOLD|ENCODED CLAIM' or
---        'err|CODE|DETAIL'.
+--        'ok|REPLAY|FIRST|CLAIM_ID|TOTAL|REMAINING|RESERVED|SOLD|ENCODED CLAIM' or
+--        'err|CODE|DETAIL'. FIRST is 1 for the user's first claim in this drop: the caller
+--        then adds the drop to the user's list of drops (another slot).
+
 local meta, claims, holds, users = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local n_claims = #KEYS - 5
+local n_claims = (#KEYS - 5) / 2
 local ledger = KEYS[#KEYS]
 local drop = ARGV[1]
-if n_claims < 1 or #ARGV ~= 1 + 5 * n_claims then
+if n_claims < 1 or n_claims % 1 ~= 0 or #ARGV ~= 1 + 5 * n_claims then
   return redis.error_reply('claim: KEYS and ARGV do not describe the same claims')
 end
 
@@ -40,12 +42,12 @@ local limit, hold_ms, starts_at = tonumber(m[8]), tonumber(m[9]), tonumber(m[6])
 local ends_at = (m[7] ~= '') and tonumber(m[7]) or nil
 local changed = false
 
-local function granted(replay, cid, enc)
-  return 'ok|' .. replay .. '|' .. cid .. '|' .. m[1] .. '|' .. fmt(remaining) .. '|' ..
-    fmt(reserved) .. '|' .. m[4] .. '|' .. enc
+local function granted(replay, first, cid, enc)
+  return 'ok|' .. replay .. '|' .. first .. '|' .. cid .. '|' .. m[1] .. '|' ..
+    fmt(remaining) .. '|' .. fmt(reserved) .. '|' .. m[4] .. '|' .. enc
 end
 
-local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
+local function claim_one(idem, uc, user, qty_s, now_s, idem_expires, ttl)
   local qty, now = tonumber(qty_s), tonumber(now_s)
   local rec = redis.call('GET', idem)
   if rec then
@@ -61,7 +63,7 @@ local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
       if not enc then
         return refused('internal', 'idempotency record without claim')
       end
-      return granted('1', rcid, enc)
+      return granted('1', '0', rcid, enc)
     end
     -- A dead record is forgotten, as the memory engine does; this is not a transition and
     -- leaves the drop consistent whatever happens next.
@@ -95,16 +97,18 @@ local function claim_one(idem, user, qty_s, now_s, idem_expires, ttl)
   redis.call('HSET', users, user, fmt(held + qty))
   redis.call('ZADD', holds, expires, hold_member(n))
   redis.call('HSET', claims, cid, enc)
+  local first = redis.call('RPUSH', uc, fmt(n)) == 1 and '1' or '0'
   redis.call('SET', idem, qty_s .. '|' .. idem_expires .. '|' .. cid, 'PX', ttl)
   redis.call('XADD', ledger, '*', 'op', 'claim', 'claim_id', cid, 'user', user, 'qty', qty_s,
     'ts', now_s)
-  return granted('0', cid, enc)
+  return granted('0', first, cid, enc)
 end
 
 local out = {}
 for i = 1, n_claims do
   local a = 2 + 5 * (i - 1)
-  out[i] = claim_one(KEYS[4 + i], ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4])
+  out[i] = claim_one(KEYS[3 + 2 * i], KEYS[4 + 2 * i], ARGV[a], ARGV[a + 1], ARGV[a + 2],
+    ARGV[a + 3], ARGV[a + 4])
 end
 if changed then
   redis.call('HSET', meta, 'remaining', fmt(remaining), 'reserved', fmt(reserved),

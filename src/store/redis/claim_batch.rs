@@ -27,7 +27,7 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{DropKeys, array, bad_reply, decode_claim, guarded, refusal, user_claims_key};
+use super::{DropKeys, array, bad_reply, decode_claim, guarded, refusal, user_drops_key};
 use crate::error::{AppError, AppResult};
 use crate::model::{Millis, StockLevels};
 use crate::store::{ClaimRequest, Reservation};
@@ -177,7 +177,7 @@ impl ClaimRunner {
         match self.call(&batch).await {
             Ok(answers) => {
                 self.index(&answers).await;
-                for (p, answer) in batch.into_iter().zip(answers) {
+                for (p, (answer, _)) in batch.into_iter().zip(answers) {
                     let _ = p.reply.send(answer);
                 }
             }
@@ -189,8 +189,9 @@ impl ClaimRunner {
         }
     }
 
-    /// One `claim.lua` call for the whole batch (all claims are on the same drop).
-    async fn call(&self, batch: &[Pending]) -> AppResult<Vec<AppResult<Reservation>>> {
+    /// One `claim.lua` call for the whole batch (all claims are on the same drop): each
+    /// claim's answer, and whether it was the user's first claim in the drop.
+    async fn call(&self, batch: &[Pending]) -> AppResult<Vec<(AppResult<Reservation>, bool)>> {
         let drop = batch
             .first()
             .map(|p| p.req.drop.as_str())
@@ -199,7 +200,8 @@ impl ClaimRunner {
         let mut inv = self.script.prepare_invoke();
         inv.key(&k.meta).key(&k.claims).key(&k.holds).key(&k.users);
         for p in batch {
-            inv.key(DropKeys::idem(drop, &p.req.user.id, &p.req.key));
+            inv.key(DropKeys::idem(drop, &p.req.user.id, &p.req.key))
+                .key(DropKeys::user_claims(drop, &p.req.user.id));
         }
         inv.key(&k.ledger).arg(drop);
         for p in batch {
@@ -219,20 +221,29 @@ impl ClaimRunner {
                 "claim batch: one answer per claim expected",
             ));
         }
-        Ok(answers.into_iter().map(reservation).collect())
+        Ok(answers
+            .into_iter()
+            .map(|a| match reservation(a) {
+                Ok((r, first)) => (Ok(r), first),
+                Err(e) => (Err(e), false),
+            })
+            .collect())
     }
 
-    /// Adds the batch's claims to their users' claim indexes in one pipelined round trip.
-    /// The indexes are in other slots, so the script cannot write them. The claims stand
-    /// even if this fails (logged, not refused); a replay with the same key indexes again.
-    async fn index(&self, answers: &[AppResult<Reservation>]) {
+    /// Adds the drop to the list of drops of each user whose first claim in it this batch
+    /// made, in one pipelined round trip (the script keeps each user's claims of the drop;
+    /// the user's list of drops is in the user's slot, which the script cannot write). Most
+    /// batches have nothing to add. The claims stand even if this fails (logged, not
+    /// refused).
+    async fn index(&self, answers: &[(AppResult<Reservation>, bool)]) {
         let mut pipe = redis::pipe();
-        for r in answers.iter().flatten() {
+        for (r, _) in answers.iter().filter(|(_, first)| *first) {
+            let Ok(r) = r else { continue };
             pipe.cmd("ZADD")
-                .arg(user_claims_key(&r.claim.user))
+                .arg(user_drops_key(&r.claim.user))
                 .arg("NX")
                 .arg(r.claim.created_at)
-                .arg(&r.claim.claim_id)
+                .arg(&r.claim.drop)
                 .ignore();
         }
         if pipe.is_empty() {
@@ -245,14 +256,16 @@ impl ClaimRunner {
     }
 }
 
-/// One claim's answer, one string: `ok|REPLAY|CLAIM_ID|TOTAL|REMAINING|RESERVED|SOLD|CLAIM`
-/// (the encoded claim last: it ends with the user) or `err|CODE|DETAIL`.
-fn reservation(answer: Value) -> AppResult<Reservation> {
+/// One claim's answer, one string:
+/// `ok|REPLAY|FIRST|CLAIM_ID|TOTAL|REMAINING|RESERVED|SOLD|CLAIM` (the encoded claim last:
+/// it ends with the user) or `err|CODE|DETAIL`; with whether it was the user's first claim
+/// in the drop.
+fn reservation(answer: Value) -> AppResult<(Reservation, bool)> {
     let Value::BulkString(bytes) = answer else {
         return Err(bad_reply("claim answer: expected a string"));
     };
     let s = std::str::from_utf8(&bytes).map_err(|_| bad_reply("claim answer: not utf-8"))?;
-    let mut parts = s.splitn(8, '|');
+    let mut parts = s.splitn(9, '|');
     let mut next = || {
         parts
             .next()
@@ -267,6 +280,7 @@ fn reservation(answer: Value) -> AppResult<Reservation> {
         _ => return Err(bad_reply("claim answer status")),
     }
     let replay = next()? == "1";
+    let first = next()? == "1";
     let claim_id = next()?;
     let mut number = || -> AppResult<u64> {
         next()?
@@ -279,9 +293,10 @@ fn reservation(answer: Value) -> AppResult<Reservation> {
         reserved: number()?,
         sold: number()?,
     };
-    Ok(Reservation {
+    let reservation = Reservation {
         replay,
         claim: decode_claim(claim_id, next()?)?,
         levels,
-    })
+    };
+    Ok((reservation, first))
 }
