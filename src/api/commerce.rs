@@ -3,12 +3,12 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::extract::required_idempotency_key;
+use super::extract::IdempotencyKey;
 use super::rooms::find_room;
 use super::{Authed, Client, JsonBody};
 use crate::auth::Role;
@@ -76,11 +76,11 @@ pub async fn claim(
     Authed(who): Authed,
     Client(addr): Client,
     Path(drop): Path<String>,
-    headers: HeaderMap,
+    key: IdempotencyKey,
     JsonBody(body): JsonBody<ClaimBody>,
 ) -> AppResult<impl IntoResponse> {
     crate::moderation::admit_claim(&state, &who, addr, &drop).await?;
-    let key = required_idempotency_key(&headers, "claims")?;
+    let key = key.required("claims")?;
     let res = state
         .commerce
         .claim(&who.user, &drop, &body.qty, key)

@@ -67,23 +67,41 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
-/// The `Idempotency-Key` header, if sent (claims and joins require it, opens may use it).
-pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers.get("idempotency-key").and_then(|v| v.to_str().ok())
+/// The `Idempotency-Key` header, if sent (claims and joins require it, opens may use it),
+/// taken without cloning the request's headers. Its absence is judged by the handler, after
+/// the caller is admitted, so refusals keep their order.
+pub struct IdempotencyKey(Option<String>);
+
+impl FromRequestParts<AppState> for IdempotencyKey {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, AppError> {
+        Ok(IdempotencyKey(
+            parts
+                .headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ))
+    }
 }
 
-/// The `Idempotency-Key` of a request that must carry one (claims, joins): its absence is
-/// 400 `missing_idempotency_key`, the same for every such endpoint.
-pub fn required_idempotency_key<'h>(
-    headers: &'h axum::http::HeaderMap,
-    what: &str,
-) -> Result<&'h str, AppError> {
-    idempotency_key(headers).ok_or_else(|| {
-        AppError::bad_request(
-            "missing_idempotency_key",
-            format!("{what} need an Idempotency-Key header"),
-        )
-    })
+impl IdempotencyKey {
+    /// The key, when the request carries one.
+    pub fn optional(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    /// The key of a request that must carry one (claims, joins): its absence is 400
+    /// `missing_idempotency_key`, the same for every such endpoint.
+    pub fn required(&self, what: &str) -> Result<&str, AppError> {
+        self.optional().ok_or_else(|| {
+            AppError::bad_request(
+                "missing_idempotency_key",
+                format!("{what} need an Idempotency-Key header"),
+            )
+        })
+    }
 }
 
 /// Where the request came from, as resolved by the `limits::http_limit` middleware.

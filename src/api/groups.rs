@@ -4,11 +4,11 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::json;
 
-use super::extract::{idempotency_key, required_idempotency_key};
+use super::extract::IdempotencyKey;
 use super::{Authed, Client};
 use crate::commerce::groups::group_json;
 use crate::error::AppResult;
@@ -23,10 +23,10 @@ pub async fn open(
     Authed(who): Authed,
     Client(addr): Client,
     Path(drop): Path<String>,
-    headers: HeaderMap,
+    key: IdempotencyKey,
 ) -> AppResult<impl IntoResponse> {
     admit_claim(&state, &who, addr, &drop).await?;
-    let key = idempotency_key(&headers);
+    let key = key.optional();
     let ans = state.commerce.open_group(&who.user, &drop, key).await?;
     Ok((StatusCode::CREATED, Json(group_json(&ans.group))))
 }
@@ -37,10 +37,10 @@ pub async fn join(
     Authed(who): Authed,
     Client(addr): Client,
     Path(group): Path<String>,
-    headers: HeaderMap,
+    key: IdempotencyKey,
 ) -> AppResult<impl IntoResponse> {
     admit_join(&state, &who, addr, &group).await?;
-    let key = required_idempotency_key(&headers, "joins")?;
+    let key = key.required("joins")?;
     let ans = state.commerce.join_group(&who.user, &group, key).await?;
     Ok((StatusCode::CREATED, Json(group_json(&ans.group))))
 }
