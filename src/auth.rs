@@ -154,13 +154,11 @@ impl Authenticator {
 
     /// Verifies a token and returns who it names.
     pub fn verify(&self, token: &str) -> Result<Identity, AppError> {
-        if let Some(known) = self.verified.get(token) {
-            if known.expires_at.saturating_add(LEEWAY_SECS) >= unix_now() {
-                return Ok(known.clone());
-            }
-            drop(known);
-            self.verified.remove(token);
+        if let Some(known) = self.remembered(token) {
+            return Ok(known);
         }
+        // Expired (or never seen): whatever was remembered goes.
+        self.verified.remove(token);
         let identity = self.verify_signed(token)?;
         if self.verified.len() >= VERIFIED_MAX {
             self.verified.clear();
@@ -172,12 +170,18 @@ impl Authenticator {
     /// Like [`Self::verify`] but never adds to the cache: a WebSocket verifies its token
     /// once, and thousands of viewers' tokens would only crowd out the HTTP callers'.
     pub fn verify_once(&self, token: &str) -> Result<Identity, AppError> {
-        if let Some(known) = self.verified.get(token)
-            && known.expires_at.saturating_add(LEEWAY_SECS) >= unix_now()
-        {
-            return Ok(known.clone());
+        match self.remembered(token) {
+            Some(known) => Ok(known),
+            None => self.verify_signed(token),
         }
-        self.verify_signed(token)
+    }
+
+    /// A verified token's identity from the cache, while it is still within its expiry.
+    fn remembered(&self, token: &str) -> Option<Identity> {
+        self.verified
+            .get(token)
+            .filter(|known| known.expires_at.saturating_add(LEEWAY_SECS) >= unix_now())
+            .map(|known| known.clone())
     }
 
     fn verify_signed(&self, token: &str) -> Result<Identity, AppError> {

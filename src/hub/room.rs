@@ -21,10 +21,7 @@ use crate::protocol::ServerMessage;
 use crate::ws::codec;
 use crate::ws::conn::{Conn, Delivered, clock_ms};
 
-/// Close codes the fan-out sends (see docs/protocol.md).
-const GOING_AWAY: u16 = 1001;
-const IDLE: u16 = 4000;
-const BANNED: u16 = 4003;
+use super::session::close::{BANNED, GOING_AWAY, IDLE};
 
 /// How every shard of every room behaves.
 #[derive(Clone)]

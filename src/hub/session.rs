@@ -39,10 +39,9 @@ const LINGER_BYTES: usize = 256 * 1024;
 
 /// Close codes livedrop uses (see docs/protocol.md).
 pub mod close {
-    pub const NORMAL: u16 = 1000;
+    /// RFC 6455's own codes (those the decoder's violations earn are there too).
+    pub use crate::ws::codec::close_code::{INVALID_DATA, NORMAL, PROTOCOL, TOO_BIG};
     pub const GOING_AWAY: u16 = 1001;
-    pub const INVALID_DATA: u16 = 1007;
-    pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
     /// The client did not answer pings.
     pub const IDLE: u16 = 4000;
@@ -96,7 +95,8 @@ pub async fn snapshot(
 }
 
 fn frame(msg: &ServerMessage) -> Bytes {
-    codec::text(&msg.to_text())
+    // Serializing these plain structs cannot fail (no maps with non-string keys).
+    codec::json(msg).unwrap_or_else(|_| codec::text("{\"type\":\"error\"}"))
 }
 
 /// Everything a session is started with (from the upgrade request).

@@ -78,6 +78,27 @@ pub fn text(payload: &str) -> Bytes {
     encode(OpCode::Data(Data::Text), payload.as_bytes())
 }
 
+/// Longest server frame header: 2 bytes and a 64-bit length.
+const MAX_SERVER_HEADER: usize = 10;
+
+/// A value serialized as JSON straight into a final text frame: one allocation, no copy
+/// (the header is written in front of the JSON once its length is known).
+pub fn json<T: serde::Serialize>(value: &T) -> serde_json::Result<Bytes> {
+    let mut out = Vec::with_capacity(256);
+    out.resize(MAX_SERVER_HEADER, 0);
+    serde_json::to_writer(&mut out, value)?;
+    let len = (out.len() - MAX_SERVER_HEADER) as u64;
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
+    let start = MAX_SERVER_HEADER - header.len(len);
+    let mut slot = &mut out[start..MAX_SERVER_HEADER];
+    // Writing into a slice of exactly the header's length cannot fail.
+    let _ = header.format(len, &mut slot);
+    Ok(Bytes::from(out).slice(start..))
+}
+
 /// A close frame with a code and a short reason (truncated to fit the 125-byte limit).
 pub fn close(code: u16, reason: &str) -> Bytes {
     let mut cut = reason.len().min(123);
@@ -319,6 +340,18 @@ mod tests {
         assert_eq!(close(1000, &"é".repeat(100)).len(), 2 + 2 + 122);
         assert_eq!(&ping(b"p")[..], &[0x89, 1, b'p']);
         assert_eq!(&pong(b"p")[..], &[0x8a, 1, b'p']);
+    }
+
+    #[test]
+    fn json_frames_equal_text_frames_of_the_same_json() {
+        for n in [0, 100, 200, 70_000] {
+            let value = serde_json::json!({"type":"chat","text":"x".repeat(n)});
+            assert_eq!(
+                json(&value).unwrap(),
+                text(&value.to_string()),
+                "payload {n}"
+            );
+        }
     }
 
     #[test]
