@@ -499,3 +499,74 @@ both_engines!(http_bad_input_table, |engine| async move {
         fingerprint(&srv, &["r", "a-b"], &["d"], &users).await
     );
 });
+
+/// A raw `GET /ws/rooms/r` with these extra header lines: the status and the answer head.
+async fn upgrade_answer(srv: &TestServer, token: &str, headers: &str) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    let req = format!(
+        "GET /ws/rooms/r?token={token} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("an answer")
+    .unwrap();
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+both_engines!(
+    bad_upgrades_are_refused_and_change_nothing,
+    |engine| async move {
+        let srv = setup(engine).await;
+        let before = fingerprint(&srv, &["r"], &["d"], &["eve"]).await;
+        let token = srv.token("eve", Role::Viewer);
+        let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        let cases = [
+            ("no upgrade headers", String::new(), 400),
+            (
+                "no Upgrade: websocket",
+                format!("Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{key}"),
+                400,
+            ),
+            (
+                "version 8",
+                format!(
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 8\r\n{key}"
+                ),
+                426,
+            ),
+            (
+                "no key",
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n".into(),
+                400,
+            ),
+            (
+                "short key",
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: c2hvcnQ=\r\n"
+                    .into(),
+                400,
+            ),
+        ];
+        for (name, headers, want) in cases {
+            let (status, head) = upgrade_answer(&srv, &token, &headers).await;
+            assert_eq!(status, want, "{name}: {head}");
+            assert!(head.contains("\"code\":\"bad_upgrade\""), "{name}: {head}");
+            if want == 426 {
+                assert!(
+                    head.to_ascii_lowercase()
+                        .contains("sec-websocket-version: 13"),
+                    "{name}: {head}"
+                );
+            }
+        }
+        assert_eq!(before, fingerprint(&srv, &["r"], &["d"], &["eve"]).await);
+    }
+);

@@ -419,35 +419,37 @@ async fn healthz_raw(srv: &TestServer) -> Option<u16> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_connection_cap_covers_websockets_for_their_whole_life() {
-    let srv = TestServer::start_with(Engine::Memory, |c| c.max_connections = 3).await;
-    srv.create_room("r", "host").await;
-    // The test's HTTP client may keep its connection pooled: make room for exactly two
-    // viewers whatever it does.
-    let mut viewers = Vec::new();
-    for i in 0.. {
-        match healthz_raw(&srv).await {
-            Some(200) if viewers.len() < 3 => {
-                viewers.push(srv.viewer("r", &format!("v{i}")).await.0);
+both_engines!(
+    the_connection_cap_covers_websockets_for_their_whole_life,
+    |engine| async move {
+        let srv = TestServer::start_with(engine, |c| c.max_connections = 3).await;
+        srv.create_room("r", "host").await;
+        // The test's HTTP client may keep its connection pooled: make room for exactly two
+        // viewers whatever it does.
+        let mut viewers = Vec::new();
+        for i in 0.. {
+            match healthz_raw(&srv).await {
+                Some(200) if viewers.len() < 3 => {
+                    viewers.push(srv.viewer("r", &format!("v{i}")).await.0);
+                }
+                Some(200) => panic!("more connections than the cap"),
+                _ => break,
             }
-            Some(200) => panic!("more connections than the cap"),
-            _ => break,
         }
-    }
-    assert!(!viewers.is_empty(), "no viewer fitted under the cap");
-    // Full: a new connection is closed without an answer, and stays refused while the
-    // upgraded sockets (no longer HTTP connections) are open.
-    assert_eq!(healthz_raw(&srv).await, None);
-    // A viewer leaves: its slot comes back.
-    drop(viewers.pop());
-    let mut answered = None;
-    for _ in 0..50 {
-        answered = healthz_raw(&srv).await;
-        if answered.is_some() {
-            break;
+        assert!(!viewers.is_empty(), "no viewer fitted under the cap");
+        // Full: a new connection is closed without an answer, and stays refused while the
+        // upgraded sockets (no longer HTTP connections) are open.
+        assert_eq!(healthz_raw(&srv).await, None);
+        // A viewer leaves: its slot comes back.
+        drop(viewers.pop());
+        let mut answered = None;
+        for _ in 0..50 {
+            answered = healthz_raw(&srv).await;
+            if answered.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(answered, Some(200));
     }
-    assert_eq!(answered, Some(200));
-}
+);
