@@ -229,9 +229,8 @@ redis_set() {
     echo "== redis-benchmark claim.lua $c" | tee "$OUT/redis-benchmark-claim$tag.csv"
     # shellcheck disable=SC2086
     timeout 120 redis-benchmark -p $REDIS_PORT $c -n "$RB_REQUESTS" -r 100000000 --csv \
-      evalsha "$sha" 7 "$k:meta" "$k:claims" "$k:holds" "$k:users" \
-      "$k:idem:5:rb__rand_int__:k__rand_int__" "$k:uc:rb__rand_int__" "$k:ledger" "$drop" rb__rand_int__ 1 \
-      "$now" "$exp" 86400000 | sed 's/^"evalsha[^"]*"/"evalsha claim.lua"/' |
+      evalsha "$sha" 7 "$k:meta" "$k:claims" "$k:holds" "$k:users" "$k:idem" "$k:uclaims" \
+      "$k:ledger" "$drop" 200 rb__rand_int__ "14:rb__rand_int__:k__rand_int__" 1 "$now" "$exp" | sed 's/^"evalsha[^"]*"/"evalsha claim.lua"/' |
       tee -a "$OUT/redis-benchmark-claim$tag.csv"
     # Proof the script ran (a NOSCRIPT or Lua error would still print a rate): the drop's
     # reserved units grow by about the request count.

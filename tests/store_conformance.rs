@@ -16,7 +16,7 @@ use livedrop::model::{
 };
 use livedrop::store::memory::MemoryStore;
 use livedrop::store::redis::RedisStore;
-use livedrop::store::{ClaimRequest, GroupRequest, Reservation, Store};
+use livedrop::store::{ClaimRequest, GroupRequest, Reservation, Store, USER_CLAIMS_MAX};
 
 const T0: Millis = 1_700_000_000_000;
 const KEY_TTL: u64 = 600;
@@ -524,6 +524,36 @@ async fn user_claims(s: S) {
     let c = s.confirm(&c.claim_id, "u1", T0).await.unwrap().claim;
     assert_eq!(s.user_claims("u1").await.unwrap(), vec![c, b, a]);
     assert_eq!(s.user_claims("nobody").await.unwrap(), vec![]);
+}
+
+/// A user with more claims in one drop than a listing shows (released ones included):
+/// exactly the newest `USER_CLAIMS_MAX`, newest first, after the store trimmed its index.
+async fn user_claims_newest_only(s: S) {
+    const FIRST: usize = 1000;
+    const MORE: usize = 600;
+    s.create_drop(&drop_("d1", 5000, FIRST as u64))
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = Vec::new();
+    for i in 0..FIRST + MORE {
+        if i == FIRST {
+            for id in &ids[..MORE] {
+                s.release(id, "u1", T0 + 5000).await.unwrap();
+            }
+        }
+        let now = T0 + 10_000 + i as Millis;
+        let r = req("d1", "u1", &format!("k{i}"), 1, now);
+        ids.push(s.claim(&r).await.unwrap().claim.claim_id);
+    }
+    let listed: Vec<String> = s
+        .user_claims("u1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.claim_id)
+        .collect();
+    let newest: Vec<String> = ids.iter().rev().take(USER_CLAIMS_MAX).cloned().collect();
+    assert_eq!(listed, newest);
 }
 
 /// 2 000 concurrent claimers, stock 137: exactly 137 win; conservation holds in samples
@@ -1158,6 +1188,7 @@ conformance!(
     sweep_once,
     ledger_contents,
     user_claims,
+    user_claims_newest_only,
     concurrent_claims,
     concurrent_limit,
     concurrent_same_key,

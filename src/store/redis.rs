@@ -17,19 +17,23 @@
 //! - `ld:{drop:ID}:claims` hash: claim id -> `status|qty|created_at|expires_at|user`
 //! - `ld:{drop:ID}:holds`  zset: zero-padded claim number scored by `expires_at`
 //! - `ld:{drop:ID}:users`  hash: user -> units held (reserved + sold)
-//! - `ld:{drop:ID}:idem:LEN:USER:KEY` string `qty|expires_at|claim_id` with a TTL
+//! - `ld:{drop:ID}:idem`   hash: claim idempotency records, `LEN:USER:KEY` ->
+//!   `qty|expires_at|claim_id` (a dead one counts as absent; written only with a claim)
+//! - `ld:{drop:ID}:uclaims` hash: user -> their claim numbers in this drop, comma-separated,
+//!   oldest first (the newest `USER_CLAIMS_MAX` are kept)
 //! - `ld:{drop:ID}:ledger` stream: `op`, `claim_id`, `user`, `qty`, `ts`, `group`
 //! - `ld:{drop:ID}:groups` hash: group id -> `status|size|price|created|expires|count`
 //! - `ld:{drop:ID}:gmembers` hash: `GID:N` -> N-th member, `GID|USER` -> N
 //! - `ld:{drop:ID}:gdue`   zset: open groups' zero-padded numbers scored by deadline
 //! - `ld:{drop:ID}:idem:LEN:USER:open:KEY` / `…:GID:KEY` group idempotency records
-//!   `expires_at|group id` (the `:` keeps them apart from claim keys, which have none)
+//!   `expires_at|group id` with a TTL (strings: one per open or join)
 //! - `ld:{room:ID}:meta`   hash: `room` (JSON record), `seq`, `likes`
 //! - `ld:{room:ID}:chat`   stream, entry id `SEQ-0`, capped at exactly `history` entries
 //! - `ld:{room:ID}:mod`    hash: moderation record (`ban:USER`, `mute:USER`, `rules`, `del:MSG`)
 //! - `ld:{room:ID}:modlog` list: moderation log, newest first, capped
 //! - `ld:{room:ID}:drops`  list of the room's drop ids (cross-slot index)
-//! - `ld:{user:ID}:claims` zset of a user's claim ids by claim time (cross-slot index)
+//! - `ld:{user:ID}:drops`  zset of the drops a user claimed in, by first claim time
+//!   (cross-slot index)
 //! - `ld:drops`            set of drop ids the sweeper visits (cross-slot index)
 //!
 //! The cross-slot indexes cannot be written by the drop's script (other slots), so they
@@ -163,6 +167,8 @@ struct DropKeys {
     claims: String,
     holds: String,
     users: String,
+    idem: String,
+    uclaims: String,
     ledger: String,
     groups: String,
     gmembers: String,
@@ -177,6 +183,8 @@ impl DropKeys {
             claims: format!("{p}:claims"),
             holds: format!("{p}:holds"),
             users: format!("{p}:users"),
+            idem: format!("{p}:idem"),
+            uclaims: format!("{p}:uclaims"),
             ledger: format!("{p}:ledger"),
             groups: format!("{p}:groups"),
             gmembers: format!("{p}:gmembers"),
@@ -197,16 +205,17 @@ impl DropKeys {
         ]
     }
 
-    /// The idempotency record of (user, drop, key). The user id is length-prefixed so that
-    /// no (user, key) pair can collide with another one containing `:`.
+    /// The group idempotency record of (user, drop, key): a string key with a TTL.
     fn idem(drop: &str, user: &str, key: &str) -> String {
-        format!("ld:{{drop:{drop}}}:idem:{}:{user}:{key}", user.len())
+        format!("ld:{{drop:{drop}}}:idem:{}", idem_field(user, key))
     }
+}
 
-    /// A user's claim numbers in this drop, oldest first (a list, appended by `claim.lua`).
-    fn user_claims(drop: &str, user: &str) -> String {
-        format!("ld:{{drop:{drop}}}:uc:{user}")
-    }
+/// A claim's field in its drop's `idem` hash (and the tail of a group record's key): the
+/// user id length-prefixed, so that no (user, key) pair can collide with another one
+/// containing `:`.
+fn idem_field(user: &str, key: &str) -> String {
+    format!("{}:{user}:{key}", user.len())
 }
 
 fn room_meta(room: &str) -> String {
@@ -1053,16 +1062,16 @@ impl Store for RedisStore {
         }
         let mut pipe = redis::pipe();
         for drop in &drops {
-            pipe.cmd("LRANGE")
-                .arg(DropKeys::user_claims(drop, user))
-                .arg(-(max as i64))
-                .arg(-1);
+            pipe.cmd("HGET").arg(DropKeys::new(drop).uclaims).arg(user);
         }
         let lists = self.query_pipe(&pipe).await?;
         let mut ids = Vec::new();
         for (drop, list) in drops.iter().zip(lists) {
-            for n in array(list)? {
-                ids.push(super::claim_id(drop, int::<u64>(&n)?));
+            let list = opt_text(&list)?.unwrap_or_default();
+            let numbers: Vec<&str> = list.split(',').filter(|n| !n.is_empty()).collect();
+            for n in &numbers[numbers.len().saturating_sub(max)..] {
+                let n: u64 = n.parse().map_err(|_| bad_reply("user claim list"))?;
+                ids.push(super::claim_id(drop, n));
             }
         }
         if ids.is_empty() {

@@ -27,7 +27,9 @@ use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{DropKeys, array, bad_reply, decode_claim, guarded, refusal, user_drops_key};
+use super::{
+    DropKeys, array, bad_reply, decode_claim, guarded, idem_field, refusal, user_drops_key,
+};
 use crate::error::{AppError, AppResult};
 use crate::model::{Millis, StockLevels};
 use crate::store::{ClaimRequest, Reservation};
@@ -198,20 +200,23 @@ impl ClaimRunner {
             .ok_or_else(|| AppError::internal("empty claim batch"))?;
         let k = DropKeys::new(drop);
         let mut inv = self.script.prepare_invoke();
-        inv.key(&k.meta).key(&k.claims).key(&k.holds).key(&k.users);
-        for p in batch {
-            inv.key(DropKeys::idem(drop, &p.req.user.id, &p.req.key))
-                .key(DropKeys::user_claims(drop, &p.req.user.id));
-        }
-        inv.key(&k.ledger).arg(drop);
+        inv.key(&k.meta)
+            .key(&k.claims)
+            .key(&k.holds)
+            .key(&k.users)
+            .key(&k.idem)
+            .key(&k.uclaims)
+            .key(&k.ledger)
+            .arg(drop)
+            .arg(crate::store::USER_CLAIMS_MAX);
         for p in batch {
             let r = &p.req;
             let ttl_ms = (r.key_ttl_secs as Millis).saturating_mul(1000);
             inv.arg(&r.user.id)
+                .arg(idem_field(&r.user.id, &r.key))
                 .arg(r.qty)
                 .arg(r.now)
-                .arg(r.now.saturating_add(ttl_ms))
-                .arg(ttl_ms.max(1));
+                .arg(r.now.saturating_add(ttl_ms));
         }
         let mut conn = self.conn.clone();
         let reply: Value = guarded(self.budget, inv.invoke_async(&mut conn)).await?;
