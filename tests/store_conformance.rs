@@ -1314,6 +1314,37 @@ async fn redis_slow_is_store_unavailable() {
     assert_eq!((st.levels.remaining, st.levels.reserved), (5, 5));
 }
 
+/// A frozen Redis with more claims waiting than two batches in flight hold: the queued
+/// ones are answered `store_unavailable` too (the lane keeps each claim's deadline), none
+/// is left waiting, and after the thaw the store answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_slow_fails_queued_claims_too() {
+    const CLAIMS: usize = 300;
+    let server = RedisServer::start();
+    let s: S = Arc::new(
+        RedisStore::connect(&server.url(), Duration::from_millis(300))
+            .await
+            .unwrap(),
+    );
+    s.create_drop(&drop_("d1", 1000, 5)).await.unwrap();
+    server.pause();
+    let tasks: Vec<_> = (0..CLAIMS)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim(&req("d1", &format!("u{i}"), "a", 1, T0)).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(code(t.await.unwrap()), "store_unavailable");
+    }
+    server.resume();
+    let late = req("d1", "late", "a", 1, T0);
+    retry_until_ok(|| s.claim(&late)).await;
+    let st = s.get_drop("d1").await.unwrap().unwrap();
+    assert!(st.levels.conserved());
+    assert!(st.levels.reserved >= 1);
+}
+
 /// Two server instances (two stores, two connections) selling the same drop: stock and
 /// per-user limits hold across them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

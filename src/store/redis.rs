@@ -483,7 +483,15 @@ fn refusal(code: &str, detail: &str) -> AppError {
 
 /// Runs one redis call under `budget`, mapping every failure to `store_unavailable` (503).
 async fn guarded<T>(budget: Duration, fut: impl Future<Output = RedisResult<T>>) -> AppResult<T> {
-    match tokio::time::timeout(budget, fut).await {
+    guarded_until(tokio::time::Instant::now() + budget, fut).await
+}
+
+/// [`guarded`] with the end of the budget given as an instant.
+async fn guarded_until<T>(
+    deadline: tokio::time::Instant,
+    fut: impl Future<Output = RedisResult<T>>,
+) -> AppResult<T> {
+    match tokio::time::timeout_at(deadline, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(AppError::store_unavailable(e)),
         Err(_) => Err(AppError::store_unavailable("redis call timed out")),
