@@ -21,7 +21,8 @@
 //!   `qty|expires_at|claim_id` (a dead one counts as absent; written only with a claim)
 //! - `ld:{drop:ID}:uclaims` hash: user -> their claim numbers in this drop, comma-separated,
 //!   oldest first (the newest `USER_CLAIMS_MAX` are kept)
-//! - `ld:{drop:ID}:ledger` stream: `op`, `claim_id`, `user`, `qty`, `ts`, `group`
+//! - `ld:{drop:ID}:ledger` stream of records `op`, `claim_id`, `user`, `qty`, `ts`, `group`;
+//!   a claim batch writes all its records into one entry, each record starting at `op`
 //! - `ld:{drop:ID}:groups` hash: group id -> `status|size|price|created|expires|count`
 //! - `ld:{drop:ID}:gmembers` hash: `GID:N` -> N-th member, `GID|USER` -> N
 //! - `ld:{drop:ID}:gdue`   zset: open groups' zero-padded numbers scored by deadline
@@ -386,6 +387,12 @@ fn chat_message(v: Value) -> AppResult<ChatMessage> {
         text: get("text")?,
         ts: get("ts")?.parse().map_err(|_| bad_reply("chat ts"))?,
     })
+}
+
+/// The records of one ledger stream entry: a claim batch writes all its claims into one
+/// entry, each record a run of fields starting with `op`.
+fn ledger_records(fields: &[(String, String)]) -> impl Iterator<Item = &[(String, String)]> {
+    fields.chunk_by(|_, (k, _)| k != "op")
 }
 
 fn ledger_entry(f: &[(String, String)]) -> AppResult<LedgerEntry> {
@@ -1135,7 +1142,9 @@ impl Store for RedisStore {
             let mut last = None;
             for entry in page {
                 let (id, fields) = stream_entry(entry)?;
-                out.push(ledger_entry(&fields)?);
+                for record in ledger_records(&fields) {
+                    out.push(ledger_entry(record)?);
+                }
                 last = Some(id);
             }
             let Some(last) = last.filter(|_| full) else {

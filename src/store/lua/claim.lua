@@ -1,11 +1,12 @@
 -- Reserves units of a drop for a batch of claims, one after the other, each exactly as if it
 -- ran alone: idempotency replay, then solo_not_allowed (a group-only drop), ended,
--- not_started, limit_reached, sold_out, in the memory engine's order; a success appends its
--- `claim` ledger entry before the next claim is looked at. Redis spends its time per call
--- and per key lookup far more than per field, so everything else a batch touches lives in
--- a few hashes of the drop: each is read once (HMGET) before the first claim and written
+-- not_started, limit_reached, sold_out, in the memory engine's order. Redis spends its time
+-- per call and per key lookup far more than per field, so everything a batch touches lives
+-- in a few hashes of the drop: each is read once (HMGET) before the first claim and written
 -- once (HSET/ZADD) after the last; later claims of the batch see earlier ones' writes
--- through local tables. The script is atomic: nobody can see the state in between. A
+-- through local tables. The batch's `claim` ledger records go into ONE stream entry, one
+-- run of fields per claim, each run starting with `op` (readers split an entry at each
+-- `op`; every other script writes one record per entry). The script is atomic: nobody can see the state in between. A
 -- refusal of one claim never touches the others. A batch of one is the single-claim call.
 -- KEYS: 1 meta, 2 claims, 3 holds, 4 users, 5 idem (claim idempotency records), 6 uclaims
 --       (each user's claim numbers in this drop), 7 ledger
@@ -62,7 +63,7 @@ local idem_now = {}    -- idempotency field -> record written by this batch
 local held = {}        -- user -> units held now
 local lists = {}       -- user -> their claim numbers now ('' for none)
 local new_claims = {}  -- claim id -> encoded claim created by this batch
-local claims_args, holds_args, idem_args, touched = {}, {}, {}, {}
+local claims_args, holds_args, idem_args, ledger_args, touched = {}, {}, {}, {}, {}
 
 local function granted(replay, first, cid, enc)
   return 'ok|' .. replay .. '|' .. first .. '|' .. cid .. '|' .. m[1] .. '|' ..
@@ -153,8 +154,12 @@ local function claim_one(i, user, field, qty_s, now_s, idem_expires)
   idem_now[field] = record
   idem_args[#idem_args + 1] = field
   idem_args[#idem_args + 1] = record
-  redis.call('XADD', ledger, '*', 'op', 'claim', 'claim_id', cid, 'user', user, 'qty', qty_s,
-    'ts', now_s)
+  local l = #ledger_args
+  ledger_args[l + 1], ledger_args[l + 2] = 'op', 'claim'
+  ledger_args[l + 3], ledger_args[l + 4] = 'claim_id', cid
+  ledger_args[l + 5], ledger_args[l + 6] = 'user', user
+  ledger_args[l + 7], ledger_args[l + 8] = 'qty', qty_s
+  ledger_args[l + 9], ledger_args[l + 10] = 'ts', now_s
   return granted('0', first, cid, enc)
 end
 
@@ -176,6 +181,7 @@ if changed then
   redis.call('HSET', users, unpack(users_args))
   redis.call('HSET', uclaims, unpack(lists_args))
   redis.call('HSET', idem, unpack(idem_args))
+  redis.call('XADD', ledger, '*', unpack(ledger_args))
   redis.call('HSET', meta, 'remaining', fmt(remaining), 'reserved', fmt(reserved),
     'next_claim', fmt(next_claim))
 end
