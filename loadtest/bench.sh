@@ -132,8 +132,9 @@ run() { # NAME TARGET ARGS…
 
 claims_set() { # PREFIX
   local p=$1 d=$CLAIMS_SECS
+  # 50 connections: as many as the redis-benchmark reference's clients (and /healthz's).
   run "$p-http-claims" $TARGET claims --transport http --users 1000 --stock 10000000 \
-    --per-user-limit 1000 --concurrency 32 --duration "$d"
+    --per-user-limit 1000 --concurrency 50 --duration "$d"
   run "$p-http-claims-rate" $TARGET claims --transport http --users 1000 --stock 10000000 \
     --per-user-limit 1000 --concurrency 64 --rate 10000 --duration "$d"
   run "$p-http-soldout" $TARGET claims --transport http --users 10000 --stock 1000 \
@@ -146,7 +147,7 @@ claims_set() { # PREFIX
 
 memory_set() {
   start_server
-  run mem-healthz $TARGET claims --endpoint healthz --concurrency 32 --duration "$CLAIMS_SECS"
+  run mem-healthz $TARGET claims --endpoint healthz --concurrency 50 --duration "$CLAIMS_SECS"
   claims_set mem
   stop_server
 }
