@@ -116,7 +116,13 @@ impl DropData {
     fn reserve_units(&mut self, user: &str, qty: u64) {
         self.levels.remaining -= qty;
         self.levels.reserved += qty;
-        *self.per_user.entry(user.to_string()).or_insert(0) += qty;
+        // Only a user's first units allocate their key.
+        match self.per_user.get_mut(user) {
+            Some(n) => *n += qty,
+            None => {
+                self.per_user.insert(user.to_string(), qty);
+            }
+        }
     }
 
     /// Moves reserved units back to remaining and stops counting them for the user.
@@ -554,10 +560,15 @@ impl Store for MemoryStore {
             })
         })??;
         if !result.replay {
-            self.user_claims
-                .entry(req.user.id.clone())
-                .or_default()
-                .push(result.claim.claim_id.clone());
+            let id = result.claim.claim_id.clone();
+            match self.user_claims.get_mut(&req.user.id) {
+                Some(mut ids) => ids.push(id),
+                None => self
+                    .user_claims
+                    .entry(req.user.id.clone())
+                    .or_default()
+                    .push(id),
+            }
         }
         Ok(result)
     }
