@@ -21,7 +21,8 @@
 #                unpipelined and -P 16)
 #   smoke        every set at a tiny scale (200 viewers, 2 s runs): proves the tool works
 #   all          memory fanout connections sale redis
-# Every run writes OUT/NAME.txt, OUT/NAME.json and OUT/NAME.html (charts + summary); each
+# Every run writes OUT/NAME.txt, OUT/NAME.json and OUT/NAME.html (charts + summary) and the
+# tool's stderr to OUT/NAME.err (quoted into NAME.txt when the run fails); each
 # NAME.txt ends with the CPU seconds the server (and Redis, in the redis set) and the load
 # generator used during the run, so every ratio can be read as CPU per answer too.
 set -euo pipefail
@@ -122,10 +123,11 @@ run() { # NAME TARGET ARGS…
   echo "== $name: livedrop-loadtest $*" | tee "$OUT/$name.txt"
   /usr/bin/time -o "$OUT/$name.time" -f "%U %S" \
     timeout 600 "${LT[@]}" "$@" --target "$target" --jwt-secret "$SECRET" --quiet \
-    --json "$OUT/$name.json" --report "$OUT/$name.html" | tee -a "$OUT/$name.txt" ||
-    echo "!! $name exited non-zero" | tee -a "$OUT/$name.txt"
+    --json "$OUT/$name.json" --report "$OUT/$name.html" 2>"$OUT/$name.err" | tee -a "$OUT/$name.txt" ||
+    { echo "!! $name exited non-zero:"; tail -20 "$OUT/$name.err"; } | tee -a "$OUT/$name.txt"
   local s1 r1; s1=$(cpu_s "$target_pid"); r1=$(cpu_s "$REDIS_PID")
-  read -r lu ls < "$OUT/$name.time" || true
+  # The last line: a failed command's first line says how it exited.
+  read -r lu ls < <(tail -1 "$OUT/$name.time") || true
   echo "cpu: server $(echo "$s1 - $s0" | bc) s, redis $(echo "$r1 - $r0" | bc) s, load generator $(echo "${lu:-0} + ${ls:-0}" | bc) s" |
     tee -a "$OUT/$name.txt"
 }
