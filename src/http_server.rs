@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
-/// How long a client may take to send a request head (slowloris).
+/// How long a client may take to send a request head (slowloris); hyper counts from the
+/// end of the previous answer, so a keep-alive connection idle this long is closed too.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head hyper buffers; bigger is refused (431).
 const MAX_HEAD_BYTES: usize = 64 * 1024;

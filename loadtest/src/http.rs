@@ -1,7 +1,8 @@
 //! The load generator's HTTP/1.1 client, lean so that the client's CPU (which shares the
 //! machine with the server under test) stays small: one keep-alive `TcpStream` per
 //! `HttpClient` with `TCP_NODELAY`, reconnected after an error, a timeout or a response that
-//! closes the connection. A request is a [`RequestTemplate`] formatted once (request line,
+//! closes the connection, and before reuse when the server closed it while it sat idle
+//! (livedrop closes keep-alive connections idle for 30 s). A request is a [`RequestTemplate`] formatted once (request line,
 //! Host, Content-Type, Content-Length and body) plus the parts that change from request to
 //! request — the bearer token and the `Idempotency-Key` — spliced into one reused buffer and
 //! written with one `write_all`; answers are read by `http_response` into a reused buffer
@@ -9,7 +10,7 @@
 //! refuses anything but loopback.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::io::AsyncWriteExt;
@@ -17,6 +18,10 @@ use tokio::net::TcpStream;
 
 pub use crate::http_response::Answer;
 use crate::http_response::ResponseReader;
+
+/// A connection idle for longer is checked before reuse: a server may have closed it (the
+/// check costs a syscall, which back-to-back requests skip).
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Largest body a claiming client accepts: every livedrop answer is far smaller.
 pub const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -238,6 +243,8 @@ pub struct HttpClient {
     target: Target,
     answer_timeout: Duration,
     stream: Option<TcpStream>,
+    /// When the connection last finished an answer.
+    idle_since: Instant,
     /// The request being sent, reused.
     request: Vec<u8>,
     responses: ResponseReader,
@@ -256,6 +263,7 @@ impl HttpClient {
             target,
             answer_timeout,
             stream: None,
+            idle_since: Instant::now(),
             request: Vec::with_capacity(1024),
             responses: ResponseReader::new(max_body),
         }
@@ -266,6 +274,11 @@ impl HttpClient {
     /// new one; so it is after an answer that closes the connection.
     pub async fn send(&mut self, req: Request<'_>) -> anyhow::Result<Answer<'_>> {
         req.write_into(&mut self.request);
+        if self.idle_since.elapsed() > CHECK_IDLE_AFTER
+            && self.stream.as_ref().is_some_and(|s| !still_open(s))
+        {
+            self.stream = None;
+        }
         let exchange = exchange(
             &self.target,
             &mut self.stream,
@@ -277,6 +290,7 @@ impl HttpClient {
                 if !answer.keep_alive {
                     self.stream = None;
                 }
+                self.idle_since = Instant::now();
                 Ok(answer)
             }
             Ok(Err(e)) => {
@@ -289,6 +303,13 @@ impl HttpClient {
             }
         }
     }
+}
+
+/// Whether an idle keep-alive connection can take a request: nothing arrived on it (an end
+/// of stream, an error or stray bytes all mean it cannot).
+fn still_open(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Writes `request` on the connection (opening one if there is none) and reads its answer.
@@ -439,6 +460,33 @@ mod tests {
         assert_eq!(late.as_deref(), Some("timeout"));
         assert!(client.stream.is_none());
         assert_eq!(server.await??, 2);
+        Ok(())
+    }
+
+    /// A server that closed a kept-alive connection while it sat idle (as livedrop does
+    /// after 30 s) costs the next request nothing: the client sees the close and reconnects.
+    #[tokio::test]
+    async fn an_idle_connection_the_server_closed_is_replaced() -> anyhow::Result<()> {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let target = Target::parse(&format!("http://{}", listener.local_addr()?))?;
+        let server = tokio::spawn(async move {
+            for body in ["one", "two"] {
+                let (mut socket, _) = listener.accept().await?;
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await?;
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{body}");
+                socket.write_all(answer.as_bytes()).await?;
+                // Closed without `Connection: close`, as an idle timeout closes it.
+            }
+            anyhow::Ok(())
+        });
+        let health = RequestTemplate::new(&target, Method::Get, "/healthz", None)?;
+        let mut client = HttpClient::new(target, SILENCE);
+        assert_eq!(client.send(health.request()).await?.body, b"one");
+        tokio::time::sleep(CHECK_IDLE_AFTER + Duration::from_millis(200)).await;
+        assert_eq!(client.send(health.request()).await?.body, b"two");
+        server.await??;
         Ok(())
     }
 }
