@@ -310,16 +310,25 @@ pub async fn publish(
     let reader = async {
         let mut errors = Counts::new();
         let mut done = done_rx;
-        // Until a second after the writer's end, so late refusals are counted too.
+        // Until a second after the writer's end, so late refusals are counted too. The
+        // writer may end while a message is being handled here: its end is read at the top
+        // of every turn, not only when the select happens to be waiting for it.
         let mut until = end + Duration::from_secs(1);
+        let mut writer_done = false;
         loop {
+            if !writer_done && *done.borrow_and_update() {
+                writer_done = true;
+                until = until.min(Instant::now() + Duration::from_secs(1));
+            }
             let m = tokio::select! {
                 r = tokio::time::timeout_at(until.into(), stream.next()) => match r {
                     Ok(Some(m)) => m,
                     _ => break,
                 },
-                c = done.changed(), if c_is_open(&done) => {
-                    if c.is_ok() {
+                c = done.changed(), if !writer_done => {
+                    // A dropped sender: the writer is gone, and so is its deadline.
+                    if c.is_err() {
+                        writer_done = true;
                         until = until.min(Instant::now() + Duration::from_secs(1));
                     }
                     continue;
@@ -350,10 +359,6 @@ pub async fn publish(
     merge_counts(&mut errors, &refused);
     let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
     (sent.saturating_sub(refusals), errors)
-}
-
-fn c_is_open(done: &watch::Receiver<bool>) -> bool {
-    !*done.borrow()
 }
 
 /// How the connect phase went, as summaries print and serialize it.
@@ -597,5 +602,44 @@ mod tests {
         assert_eq!(source_ip_count(10, 400), 254);
         assert_eq!(source_ip(0, 3).to_string(), "127.0.0.1");
         assert_eq!(source_ip(4, 3).to_string(), "127.0.0.2");
+    }
+
+    /// A publisher stopped while its reader is busy (here: every message echoed back at
+    /// once) ends within a second or so, never at its full duration: the writer's end was
+    /// once missed when it came while the reader handled a message.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_publisher_ends_even_while_its_reader_is_busy() -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let target = crate::http::Target::parse(&format!("http://{}", listener.local_addr()?))?;
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                        return;
+                    };
+                    while let Some(Ok(m)) = ws.next().await {
+                        if m.is_text() && ws.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let probe = ChatProbe::new("r1", Instant::now(), "chat");
+        for _ in 0..5 {
+            let socket = crate::ws::connect_plain(&target, None).await?;
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let stopper = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let _ = stop_tx.send(true);
+                stop_tx
+            });
+            // Far shorter than the 60 s the publisher was given: it must not run to the end.
+            let run = publish(socket, &probe, 2000.0, Duration::from_secs(60), stop_rx);
+            let (sent, errors) = tokio::time::timeout(Duration::from_secs(20), run).await?;
+            assert!(sent > 0, "{errors:?}");
+            drop(stopper.await?);
+        }
+        Ok(())
     }
 }
