@@ -6,8 +6,9 @@
 -- once (HSET/ZADD) after the last; later claims of the batch see earlier ones' writes
 -- through local tables. The batch's `claim` ledger records go into ONE stream entry, one
 -- run of fields per claim, each run starting with `op` (readers split an entry at each
--- `op`; every other script writes one record per entry). The script is atomic: nobody can see the state in between. A
--- refusal of one claim never touches the others. A batch of one is the single-claim call.
+-- `op`; every other script writes one record per entry). The script is atomic: nobody can
+-- see the state in between. A refusal of one claim never touches the others. A batch of one
+-- is the single-claim call.
 -- KEYS: 1 meta, 2 claims, 3 holds, 4 users, 5 idem (claim idempotency records), 6 uclaims
 --       (each user's claim numbers in this drop), 7 ledger
 -- ARGV: 1 drop id, 2 how many claim numbers to keep per user (the newest), then per claim i
