@@ -1280,20 +1280,19 @@ async fn redis_down_is_store_unavailable() {
     assert_eq!(err, Some("store_unavailable"));
 }
 
-/// A Redis that stops answering (frozen with SIGSTOP) makes calls fail with
-/// `store_unavailable` after the response timeout instead of hanging; once it answers
-/// again the same store works.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_slow_is_store_unavailable() {
-    let server = RedisServer::start();
-    let s: S = Arc::new(
+/// A redis store with a 300 ms call budget, for the frozen-Redis tests.
+async fn slow_redis_store(server: &RedisServer) -> S {
+    Arc::new(
         RedisStore::connect(&server.url(), Duration::from_millis(300))
             .await
             .unwrap(),
-    );
-    s.create_drop(&drop_("d1", 10, 5)).await.unwrap();
-    server.pause();
-    let tasks: Vec<_> = (0..5)
+    )
+}
+
+/// `n` users claim drop `d1` at once while Redis is frozen: every one is refused
+/// `store_unavailable` (none waits for the thaw).
+async fn claims_fail_while_frozen(s: &S, n: usize) {
+    let tasks: Vec<_> = (0..n)
         .map(|i| {
             let s = s.clone();
             tokio::spawn(async move { s.claim(&req("d1", &format!("u{i}"), "a", 1, T0)).await })
@@ -1302,6 +1301,18 @@ async fn redis_slow_is_store_unavailable() {
     for t in tasks {
         assert_eq!(code(t.await.unwrap()), "store_unavailable");
     }
+}
+
+/// A Redis that stops answering (frozen with SIGSTOP) makes calls fail with
+/// `store_unavailable` after the response timeout instead of hanging; once it answers
+/// again the same store works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_slow_is_store_unavailable() {
+    let server = RedisServer::start();
+    let s = slow_redis_store(&server).await;
+    s.create_drop(&drop_("d1", 10, 5)).await.unwrap();
+    server.pause();
+    claims_fail_while_frozen(&s, 5).await;
     assert_eq!(code(s.ping().await), "store_unavailable");
     server.resume();
     // The frozen claims may or may not have run once Redis thawed; retrying with the same
@@ -1319,24 +1330,11 @@ async fn redis_slow_is_store_unavailable() {
 /// is left waiting, and after the thaw the store answers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_slow_fails_queued_claims_too() {
-    const CLAIMS: usize = 300;
     let server = RedisServer::start();
-    let s: S = Arc::new(
-        RedisStore::connect(&server.url(), Duration::from_millis(300))
-            .await
-            .unwrap(),
-    );
+    let s = slow_redis_store(&server).await;
     s.create_drop(&drop_("d1", 1000, 5)).await.unwrap();
     server.pause();
-    let tasks: Vec<_> = (0..CLAIMS)
-        .map(|i| {
-            let s = s.clone();
-            tokio::spawn(async move { s.claim(&req("d1", &format!("u{i}"), "a", 1, T0)).await })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(code(t.await.unwrap()), "store_unavailable");
-    }
+    claims_fail_while_frozen(&s, 300).await;
     server.resume();
     let late = req("d1", "late", "a", 1, T0);
     retry_until_ok(|| s.claim(&late)).await;
